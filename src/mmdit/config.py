@@ -1,0 +1,357 @@
+"""Typed configuration: dataclasses for every component, loaded from YAML presets with CLI overrides.
+
+OmegaConf merges a preset file (``configs/<name>.yaml``) and ``key.sub=value`` overrides onto the
+dataclass schema, so a wrong key or type fails at load time; ``__post_init__`` checks choices and
+cross-field rules and names the offending key and the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CONFIG_DIR = REPO_ROOT / "configs"
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the key and what is allowed."""
+
+
+def _choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not allowed; choose one of {list(allowed)}")
+
+
+def _positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def _probability(key: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{key}={value!r} must be a probability in [0, 1]")
+
+
+POS_ENCODINGS = ("RoPE2d", "RoPE", "absolute", "NoPE")
+ATTENTION_BACKENDS = ("sdpa", "naive", "flash_attn", "xformers", "cosine")
+MLP_TYPES = ("swiglu", "gelu")
+
+
+@dataclass
+class ModelConfig:
+    """MMDiT architecture. ``hidden_size``/``num_heads`` of 0 mean the SD3 rule: 64 x depth, depth heads."""
+
+    depth: int = 2
+    hidden_size: int = 0
+    num_heads: int = 0
+    mlp_ratio: float = 4.0
+    mlp_type: str = "swiglu"
+    patch_size: int = 2
+    in_channels: int = 16
+    attention: str = "sdpa"
+    pos_encoding: str = "RoPE2d"
+    qk_norm: bool = True
+    # widths of the token-sequence text encoders (e.g. Gemma-2-2B 2304, ModernBERT-large 1024)
+    text_dims: list[int] = field(default_factory=lambda: [2304, 1024])
+    # width of the pooled text vector (CLIP-L projection 768); 0 = no pooled input
+    pooled_dim: int = 768
+    # pixels per latent pixel (8 for the SD3 VAE, 1 in pixel space)
+    latent_factor: int = 8
+    # largest image side in pixels now, and the one the run started at (RoPE interpolation)
+    max_res: int = 256
+    max_res_orig: int = 256
+    time_scale_init: float = 1000.0
+    checkpoint_attn: bool = False
+    checkpoint_mlp: bool = False
+
+    def __post_init__(self) -> None:
+        _positive("model.depth", self.depth)
+        _choice("model.mlp_type", self.mlp_type, MLP_TYPES)
+        _choice("model.attention", self.attention, ATTENTION_BACKENDS)
+        _choice("model.pos_encoding", self.pos_encoding, POS_ENCODINGS)
+        if self.dim % self.heads:
+            raise ConfigError(f"model.hidden_size={self.dim} must be divisible by model.num_heads={self.heads}")
+        head_dim = self.head_dim
+        if self.pos_encoding == "RoPE2d" and head_dim % 4:
+            raise ConfigError(f"RoPE2d needs head_dim % 4 == 0, got head_dim={head_dim}; change model.num_heads")
+        if self.pos_encoding == "RoPE" and head_dim % 2:
+            raise ConfigError(f"RoPE needs an even head_dim, got {head_dim}; change model.num_heads")
+        if not self.text_dims:
+            raise ConfigError("model.text_dims is empty; the model needs at least one sequence text encoder")
+        if self.max_res < self.max_res_orig:
+            raise ConfigError(f"model.max_res={self.max_res} must be >= model.max_res_orig={self.max_res_orig}")
+        if self.max_res % (self.latent_factor * self.patch_size):
+            raise ConfigError(
+                f"model.max_res={self.max_res} must be a multiple of latent_factor*patch_size="
+                f"{self.latent_factor * self.patch_size}"
+            )
+
+    @property
+    def dim(self) -> int:
+        """Transformer width: ``hidden_size``, or 64 x depth when it is 0."""
+        return self.hidden_size or 64 * self.depth
+
+    @property
+    def heads(self) -> int:
+        """Attention heads: ``num_heads``, or depth when it is 0."""
+        return self.num_heads or self.depth
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.heads
+
+    @property
+    def pixel_step(self) -> int:
+        """Image sides must be multiples of this many pixels (VAE factor x patch)."""
+        return self.latent_factor * self.patch_size
+
+
+@dataclass
+class TextEncoderConfig:
+    """One text encoder: a Hugging Face name or local folder. ``kind`` sequence -> tokens, pooled -> vector."""
+
+    name: str = ""
+    kind: str = "sequence"
+    max_length: int = 128
+    # probability that this encoder alone is dropped (replaced by its null embedding) in training
+    drop_prob: float = 0.0
+
+    def __post_init__(self) -> None:
+        _choice("encoders.text[].kind", self.kind, ("sequence", "pooled"))
+        _probability("encoders.text[].drop_prob", self.drop_prob)
+        _positive("encoders.text[].max_length", self.max_length)
+
+
+@dataclass
+class EncodersConfig:
+    """Text encoders and the VAE that turn a (caption, image) row into model inputs."""
+
+    text: list[TextEncoderConfig] = field(default_factory=list)
+    # Hugging Face name or folder of an AutoencoderKL; "" = pixel space (no VAE)
+    vae: str = ""
+    vae_subfolder: str = ""
+    dtype: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU
+
+    def __post_init__(self) -> None:
+        _choice("encoders.dtype", self.dtype, ("auto", "fp32", "bf16", "fp16"))
+
+
+@dataclass
+class FlowConfig:
+    """Rectified-flow objective: timestep distribution, shift, CFG dropout, loss weighting."""
+
+    timestep_sampling: str = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    # resolution-dependent shift sqrt(tokens / base_tokens); 0 = no shift
+    shift_base_tokens: int = 0
+    # probability that the whole condition is dropped
+    p_uncond: float = 0.1
+    loss_weighting: str = "none"
+
+    def __post_init__(self) -> None:
+        _choice("flow.timestep_sampling", self.timestep_sampling, ("logit_normal", "uniform", "mode"))
+        _choice("flow.loss_weighting", self.loss_weighting, ("none", "snr_clip"))
+        _probability("flow.p_uncond", self.p_uncond)
+        _positive("flow.logit_std", self.logit_std)
+
+
+@dataclass
+class DataConfig:
+    """Bucketed parquet data and batching."""
+
+    parquet_folder: str = ""
+    bucket_indices_path: str = ""
+    image_column: str = "image"
+    caption_columns: list[str] = field(default_factory=lambda: ["caption_long", "caption_short"])
+    # probability of the first caption column (the rest share the remainder)
+    first_caption_prob: float = 0.8
+    random_flip: bool = False
+    # per-model-rank batch size; if token_budget > 0, the batch per bucket is token_budget // tokens
+    batch_size: int = 8
+    token_budget: int = 0
+    max_batch_size: int = 0
+    # buckets with fewer rows than one global batch are: "drop"ped or "merge"d (sampled with replacement)
+    small_buckets: str = "drop"
+    num_workers: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _positive("data.batch_size", self.batch_size)
+        _probability("data.first_caption_prob", self.first_caption_prob)
+        _choice("data.small_buckets", self.small_buckets, ("drop", "merge"))
+
+
+@dataclass
+class TopologyConfig:
+    """Which global ranks load data for which model ranks.
+
+    ``loader_to_model`` maps a loader rank to its model ranks (the seed's ``loader_to_model_gpu``);
+    or ``loaders_per_node`` > 0 makes the first k local ranks of each node load for the rest.
+    Both empty: every rank trains and loads its own data in background workers.
+    """
+
+    loader_to_model: dict[int, list[int]] = field(default_factory=dict)
+    loaders_per_node: int = 0
+    backend: str = "auto"  # auto = nccl on CUDA, gloo on CPU
+    # seconds a rank waits on a peer before the job is declared dead
+    failure_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        _choice("topology.backend", self.backend, ("auto", "nccl", "gloo"))
+        if self.loader_to_model and self.loaders_per_node:
+            raise ConfigError("set either topology.loader_to_model or topology.loaders_per_node, not both")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, precision, EMA, checkpoints and logging."""
+
+    run_name: str = "run"
+    save_dir: str = "models"
+    total_steps: int = 1000
+    accumulation_steps: int = 1
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"
+    grad_clip: float = 1.0
+    precision: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU
+    ema_decay: float = 0.999
+    ema_update_every: int = 1
+    save_every: int = 1000
+    keep_last: int = 3
+    resume: str = "auto"  # auto | none | path to a step_<N> folder
+    init_from: str = ""  # weights only (next resolution stage)
+    reset_optimizer: bool = True
+    reset_wandb: bool = True
+    log_every: int = 10
+    wandb_mode: str = "disabled"
+    wandb_project: str = "mmdit"
+    max_nonfinite_in_row: int = 10
+    validate_every: int = 0
+    validation_prompts: list[str] = field(default_factory=list)
+    validation_size: list[int] = field(default_factory=lambda: [256, 256])
+    seed: int = 0
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        _positive("train.total_steps", self.total_steps)
+        _positive("train.accumulation_steps", self.accumulation_steps)
+        _positive("train.lr", self.lr)
+        _choice("train.lr_schedule", self.lr_schedule, ("constant", "cosine"))
+        _choice("train.precision", self.precision, ("auto", "bf16", "fp16", "fp32"))
+        _choice("train.wandb_mode", self.wandb_mode, ("online", "offline", "disabled"))
+        _probability("train.ema_decay", self.ema_decay)
+        _positive("train.ema_update_every", self.ema_update_every)
+        _positive("train.save_every", self.save_every)
+        _positive("train.keep_last", self.keep_last)
+
+
+@dataclass
+class SampleConfig:
+    """Sampling defaults for validation and inference."""
+
+    sampler: str = "euler"
+    num_steps: int = 28
+    cfg_scale: float = 5.0
+    # timestep shift for sampling (SD3 uses 3.0 at 1024 px); 1.0 = none
+    shift: float = 1.0
+    noise_scale: float = 1.0  # euler_stochastic only
+
+    def __post_init__(self) -> None:
+        _choice("sample.sampler", self.sampler, ("euler", "heun", "euler_stochastic"))
+        _positive("sample.num_steps", self.num_steps)
+        _positive("sample.shift", self.shift)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    encoders: EncodersConfig = field(default_factory=EncodersConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    topology: TopologyConfig = field(default_factory=TopologyConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def __post_init__(self) -> None:
+        sequence = [e for e in self.encoders.text if e.kind == "sequence"]
+        pooled = [e for e in self.encoders.text if e.kind == "pooled"]
+        if self.encoders.text and len(sequence) != len(self.model.text_dims):
+            raise ConfigError(
+                f"encoders.text has {len(sequence)} sequence encoders but model.text_dims has "
+                f"{len(self.model.text_dims)} entries; give one width per sequence encoder"
+            )
+        if len(pooled) > 1:
+            raise ConfigError("at most one encoders.text entry may have kind=pooled")
+        if self.encoders.text and bool(pooled) != bool(self.model.pooled_dim):
+            raise ConfigError(
+                f"model.pooled_dim={self.model.pooled_dim} but {len(pooled)} pooled encoder(s) configured; "
+                "set model.pooled_dim=0 without a pooled encoder, or its width with one"
+            )
+        if not self.encoders.vae and self.encoders.text and self.model.latent_factor != 1:
+            raise ConfigError(
+                "pixel space (encoders.vae empty) needs model.latent_factor=1 and model.in_channels=3"
+            )
+
+
+def _suggest(key: str, schema: Any) -> str:
+    """Name the valid keys next to a bad one."""
+    node = schema
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = getattr(node, part, None)
+        if node is None:
+            break
+    valid = [f.name for f in fields(node)] if node is not None and is_dataclass(node) else []
+    close = difflib.get_close_matches(parts[-1], valid, n=1)
+    hint = f" Did you mean '{'.'.join(parts[:-1] + close)}'?" if close else ""
+    return f"unknown config key '{key}'.{hint} Valid keys here: {valid}"
+
+
+def load_config(preset: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Build a Config from defaults, a preset (name in ``configs/`` or a YAML path) and ``a.b=v`` overrides."""
+    schema = OmegaConf.structured(Config)
+    layers = []
+    if preset:
+        path = Path(preset)
+        if not path.suffix:
+            path = CONFIG_DIR / f"{preset}.yaml"
+        if not path.exists():
+            names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+            raise ConfigError(f"config preset {str(preset)!r} not found; available presets: {names}")
+        layers.append(OmegaConf.load(path))
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        layers.append(OmegaConf.from_dotlist([item]))
+    try:
+        merged = OmegaConf.merge(schema, *layers)
+        return OmegaConf.to_object(merged)
+    except ConfigKeyError as err:
+        raise ConfigError(_suggest(str(err.full_key), Config())) from None
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"bad value for config key '{err.full_key}': {err.msg.splitlines()[0]}") from None
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (stored next to every checkpoint)."""
+    Path(path).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+
+
+def read_config(path: str | Path, overrides: Optional[list[str]] = None) -> Config:
+    """Read a config written by :func:`save_config`."""
+    return load_config(Path(path), overrides)
