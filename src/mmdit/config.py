@@ -318,18 +318,25 @@ def _suggest(key: str, schema: Any) -> str:
     return f"unknown config key '{key}'.{hint} Valid keys here: {valid}"
 
 
+def _preset_layers(preset: str | Path, seen: tuple = ()) -> list:
+    """A preset file and the presets it extends (``defaults_from: <name>``), parents first."""
+    path = Path(preset)
+    if not path.suffix:
+        path = CONFIG_DIR / f"{preset}.yaml"
+    if not path.exists():
+        names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        raise ConfigError(f"config preset {str(preset)!r} not found; available presets: {names}")
+    if path in seen:
+        raise ConfigError(f"presets extend each other in a cycle: {[str(p) for p in seen]}")
+    layer = OmegaConf.load(path)
+    parent = layer.pop("defaults_from", None)
+    return (_preset_layers(parent, seen + (path,)) if parent else []) + [layer]
+
+
 def load_config(preset: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Build a Config from defaults, a preset (name in ``configs/`` or a YAML path) and ``a.b=v`` overrides."""
     schema = OmegaConf.structured(Config)
-    layers = []
-    if preset:
-        path = Path(preset)
-        if not path.suffix:
-            path = CONFIG_DIR / f"{preset}.yaml"
-        if not path.exists():
-            names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-            raise ConfigError(f"config preset {str(preset)!r} not found; available presets: {names}")
-        layers.append(OmegaConf.load(path))
+    layers = _preset_layers(preset) if preset else []
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.sub=value")

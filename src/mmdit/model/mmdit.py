@@ -1,0 +1,108 @@
+"""MMDiT: patch embedding, conditioning, a stack of joint blocks, and the adaLN-Zero output layer."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+from torch import Tensor, nn
+
+from ..conditioning import TextCondition
+from ..config import ModelConfig
+from .attention import get_attention
+from .blocks import JointBlock, modulate
+from .embedders import ConditionEmbedder, patchify, unpatchify
+from .positions import rope_angles_1d, rope_angles_2d, sincos_2d
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale) + linear back to patch pixels; starts at zero so the first prediction is 0."""
+
+    def __init__(self, dim: int, out_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.adaLN = nn.Linear(dim, 2 * dim)
+        self.linear = nn.Linear(dim, out_dim)
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        shift, scale = self.adaLN(y).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+class MMDiT(nn.Module):
+    """Predicts the flow velocity v = eps - x0 for a latent x [B, C, H, W] at times t [B] given text."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        dim, p = cfg.dim, cfg.patch_size
+        self.patch_embed = nn.Linear(cfg.in_channels * p * p, dim)
+        self.condition = ConditionEmbedder(dim, list(cfg.text_dims), cfg.pooled_dim, cfg.time_scale_init)
+        attention = get_attention(cfg.attention)
+        self.blocks = nn.ModuleList(
+            JointBlock(dim, cfg.heads, cfg.mlp_ratio, cfg.mlp_type, cfg.qk_norm, last=i == cfg.depth - 1,
+                       attention=attention, checkpoint_attn=cfg.checkpoint_attn, checkpoint_mlp=cfg.checkpoint_mlp)
+            for i in range(cfg.depth)
+        )
+        self.final = FinalLayer(dim, cfg.in_channels * p * p)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """Xavier for linears; adaLN projections and the output layer at zero (every block starts as identity)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.normal_(self.condition.time.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.condition.time.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            for stream in (block.image, block.text):
+                nn.init.zeros_(stream.adaLN.weight)
+                nn.init.zeros_(stream.adaLN.bias)
+        for layer in (self.final.adaLN, self.final.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    @property
+    def position_scale(self) -> float:
+        """RoPE / absolute position interpolation factor when fine-tuning above the original resolution."""
+        return self.cfg.max_res_orig / self.cfg.max_res
+
+    def rope_angles(self, grid_h: int, grid_w: int, device: torch.device) -> Tensor | None:
+        kind = self.cfg.pos_encoding
+        if kind not in ("RoPE2d", "RoPE"):
+            return None
+        fn = rope_angles_2d if kind == "RoPE2d" else rope_angles_1d
+        return _cached(fn, grid_h, grid_w, self.cfg.head_dim, self.position_scale, device)
+
+    def forward(self, x: Tensor, t: Tensor, cond: TextCondition) -> Tensor:
+        b, c, h, w = x.shape
+        p = self.cfg.patch_size
+        if h % p or w % p:
+            raise ValueError(f"latent size {h}x{w} is not divisible by model.patch_size={p}")
+        if c != self.cfg.in_channels:
+            raise ValueError(f"input has {c} channels, model.in_channels={self.cfg.in_channels}")
+        grid_h, grid_w = h // p, w // p
+        img = self.patch_embed(patchify(x, p))
+        if self.cfg.pos_encoding == "absolute":
+            pos = _cached(sincos_2d, grid_h, grid_w, self.cfg.dim, self.position_scale, x.device)
+            img = img + pos.to(img.dtype)
+        txt, key_mask, y = self.condition(t, cond)
+        key_mask = torch.cat([key_mask, torch.ones(b, img.shape[1], dtype=torch.bool, device=x.device)], dim=1)
+        rope = self.rope_angles(grid_h, grid_w, x.device)
+        for block in self.blocks:
+            img, txt = block(img, txt, y, key_mask, rope)
+        return unpatchify(self.final(img, y), p, c, h, w)
+
+
+@lru_cache(maxsize=64)
+def _cached(fn, grid_h: int, grid_w: int, dim: int, scale: float, device: torch.device) -> Tensor:
+    """Position tables depend only on the grid, so each bucket's table is built once per device."""
+    return fn(grid_h, grid_w, dim, scale, device=device)
+
+
+def count_parameters(cfg: ModelConfig) -> int:
+    """Parameter count without allocating weights (built on the meta device)."""
+    with torch.device("meta"):
+        model = MMDiT(cfg)
+    return sum(p.numel() for p in model.parameters())
