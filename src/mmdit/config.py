@@ -201,8 +201,8 @@ class TopologyConfig:
     loader_to_model: dict[int, list[int]] = field(default_factory=dict)
     loaders_per_node: int = 0
     backend: str = "auto"  # auto = nccl on CUDA, gloo on CPU
-    # seconds a rank waits on a peer before the job is declared dead
-    failure_timeout_s: float = 60.0
+    # seconds a collective may wait (loading a 2B text encoder counts); a rank that raises ends the job at once
+    timeout_s: float = 1800.0
 
     def __post_init__(self) -> None:
         _choice("topology.backend", self.backend, ("auto", "nccl", "gloo"))
@@ -241,7 +241,8 @@ class TrainConfig:
     validation_prompts: list[str] = field(default_factory=list)
     validation_size: list[int] = field(default_factory=lambda: [256, 256])
     seed: int = 0
-    compile: bool = False
+    # dense bf16 peak FLOP/s of one device for MFU; 0 = look the GPU up by name
+    peak_flops: float = 0.0
 
     def __post_init__(self) -> None:
         _positive("train.total_steps", self.total_steps)

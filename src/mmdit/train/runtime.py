@@ -1,0 +1,101 @@
+"""Process-level set-up: ranks, device, process groups, and stop requests from SLURM or the user.
+
+Groups are created on every rank in the same order: the world group (NCCL on CUDA, gloo on CPU), a gloo
+group over all ranks for the loader -> model data path, and the group of model ranks that DDP reduces over.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from ..config import Config
+from .topology import Topology, build_topology
+
+
+@dataclass
+class Runtime:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    topology: Topology
+    data_group: object = None  # gloo group over all ranks (None when single-process)
+    model_group: object = None  # group of model ranks (None when single-process)
+    stop_requested: list = field(default_factory=lambda: [False])
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_loader(self) -> bool:
+        return self.topology.is_loader(self.rank)
+
+    @property
+    def is_main(self) -> bool:
+        """The first model rank writes checkpoints, logs and validation images."""
+        return self.rank == self.topology.model_ranks[0]
+
+    @property
+    def num_model_ranks(self) -> int:
+        return len(self.topology.model_ranks)
+
+
+def _pick_device(local_rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_runtime(cfg: Config) -> Runtime:
+    """Read torchrun's environment (or run as one plain process), build the topology and the groups."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    topology = build_topology(cfg.topology, world, local_world)
+    device = _pick_device(local_rank)
+    rt = Runtime(rank, world, local_rank, device, topology)
+    _install_stop_handlers(rt)
+    if world == 1:
+        return rt
+    backend = cfg.topology.backend if cfg.topology.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+    timeout = timedelta(seconds=cfg.topology.timeout_s)
+    dist.init_process_group(backend, timeout=timeout, device_id=device if backend == "nccl" else None)
+    rt.data_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
+    rt.model_group = dist.new_group(list(topology.model_ranks), timeout=timeout)
+    return rt
+
+
+def _install_stop_handlers(rt: Runtime) -> None:
+    """SIGTERM / SIGUSR1 (SLURM's warning before the time limit, or preemption) ask for a checkpoint and exit."""
+
+    def handler(signum, _frame):
+        rt.stop_requested[0] = True
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, handler)
+
+
+def agree_stop(rt: Runtime) -> bool:
+    """True on every model rank if any model rank was asked to stop (one tiny all-reduce)."""
+    if not rt.distributed or rt.num_model_ranks == 1:
+        return rt.stop_requested[0]
+    flag = torch.tensor([float(rt.stop_requested[0])], device=rt.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=rt.model_group)
+    return bool(flag.item())
+
+
+def all_finite(value: torch.Tensor, rt: Runtime) -> bool:
+    """Whether ``value`` is finite on every model rank, so all of them skip a bad step together."""
+    flag = torch.isfinite(value).all().float().reshape(1)
+    if rt.distributed and rt.num_model_ranks > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=rt.model_group)
+    return bool(flag.item())

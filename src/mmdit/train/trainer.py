@@ -1,0 +1,273 @@
+"""The training job: loader ranks stream batches, model ranks train the MMDiT with DDP, AMP and EMA.
+
+One optimizer step = ``accumulation_steps`` micro-steps; the data cursor counts micro-steps, so a resume
+(with any number of loader ranks) continues with exactly the next samples of the global schedule. Noise,
+timesteps and CFG dropout are drawn from generators seeded by (seed, micro-step, model index).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from ..config import Config, config_to_dict
+from ..flow import encoder_drop_probs, flow_loss, sample_timesteps, cfg_dropout_keep
+from ..model import MMDiT
+from ..model.flops import device_peak_flops, train_flops_per_image
+from . import checkpoint as ckpt
+from .batches import BatchProducer, agree_start_step, build_schedule, local_source, remote_source, run_loader
+from .metrics import LossByT, MetricsLogger
+from .optim import EMA, make_optimizer, make_scheduler
+from .runtime import Runtime, agree_stop, all_finite
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    precision = cfg.train.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+def run_dir_of(cfg: Config) -> Path:
+    return Path(cfg.train.save_dir) / cfg.train.run_name
+
+
+def train(cfg: Config, rt: Runtime) -> dict:
+    """Run this rank's part of the job; returns a summary (steps done, corrupt rows, ...)."""
+    total_micro = cfg.train.total_steps * cfg.train.accumulation_steps
+    if rt.is_loader:
+        return _loader_main(cfg, rt, total_micro)
+    return Trainer(cfg, rt).fit()
+
+
+def _loader_main(cfg: Config, rt: Runtime, total_micro: int) -> dict:
+    start = agree_start_step(0, rt.topology, rt.data_group)
+    index, schedule = build_schedule(cfg, rt.num_model_ranks)
+    producer = BatchProducer(cfg, schedule, index, rt.device)
+    stats = run_loader(producer, rt.topology, rt.rank, rt.data_group, start, total_micro,
+                       should_stop=lambda: rt.stop_requested[0])
+    busy = stats["encode_s"] + stats["wait_for_model_s"]
+    stats["loader_wait_frac"] = stats["wait_for_model_s"] / busy if busy else 0.0
+    log.info("loader rank %d done: %s", rt.rank, stats)
+    return stats
+
+
+class Trainer:
+    """State and loop of a model rank."""
+
+    def __init__(self, cfg: Config, rt: Runtime):
+        self.cfg, self.rt = cfg, rt
+        self.device = rt.device
+        self.dtype = autocast_dtype(cfg, rt.device)
+        self.model_index = rt.topology.model_index(rt.rank)
+        self.run_dir = run_dir_of(cfg)
+        torch.manual_seed(cfg.train.seed)
+        self.model = MMDiT(cfg.model).to(self.device)
+        self.ema = EMA(self.model)
+        self.optimizer = make_optimizer(self.model, cfg.train)
+        self.scheduler = make_scheduler(self.optimizer, cfg.train)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.step = 0
+        self.skipped = 0
+        self.nonfinite_in_row = 0
+        self.corrupt = 0
+        self.wandb_id: str | None = None
+        self._restore()
+        self.ddp = (DDP(self.model, process_group=rt.model_group) if rt.distributed and rt.num_model_ranks > 1
+                    else None)
+
+    # ---------------------------------------------------------------- checkpoints
+    def _restore(self) -> None:
+        path = ckpt.resolve_resume(self.run_dir, self.cfg.train.resume)
+        if path is not None:
+            state = ckpt.load_checkpoint(path, map_location=self.device)
+            self.model.load_state_dict(state.model_state)
+            self.ema.load_state_dict(state.ema_state)
+            self.optimizer.load_state_dict(state.optimizer_state)
+            self.scheduler.load_state_dict(state.scheduler_state)
+            self.scaler.load_state_dict(state.scaler_state)
+            ts = state.trainer_state
+            self.step, self.skipped, self.corrupt = ts["step"], ts.get("skipped", 0), ts.get("corrupt", 0)
+            self.wandb_id = ts.get("wandb_id")
+            rng = ts.get("rng", [])
+            if self.model_index < len(rng):
+                ckpt.restore_rng_state(rng[self.model_index])
+            if self.rt.is_main:
+                log.info("resumed from %s at step %d", path, self.step)
+        elif self.cfg.train.init_from:
+            source = Path(self.cfg.train.init_from)
+            weights = ckpt.load_weights(source, which="ema", device=str(self.device))
+            self.model.load_state_dict(weights)
+            self.ema.load_state_dict(weights)
+            if not self.cfg.train.reset_optimizer:
+                self.optimizer.load_state_dict(ckpt.load_checkpoint(source).optimizer_state)
+            if not self.cfg.train.reset_wandb:
+                self.wandb_id = ckpt.read_trainer_state(source).get("wandb_id")
+            if self.rt.is_main:
+                log.info("initialised weights from %s (EMA weights)", source)
+
+    def save(self) -> None:
+        rng = [ckpt.capture_rng_state()]
+        if self.rt.distributed and self.rt.num_model_ranks > 1:
+            gathered = [None] * self.rt.num_model_ranks
+            torch.distributed.all_gather_object(gathered, rng[0], group=self.rt.model_group)
+            rng = gathered
+        if not self.rt.is_main:
+            return
+        trainer_state = {
+            "step": self.step,
+            "data_cursor": self.step * self.cfg.train.accumulation_steps,
+            "skipped": self.skipped,
+            "corrupt": self.corrupt,
+            "wandb_id": self.wandb_id,
+            "rng": rng,
+        }
+        path = ckpt.save_checkpoint(
+            self.run_dir, self.step, model_state=self.model.state_dict(), ema_state=self.ema.state_dict(),
+            optimizer_state=self.optimizer.state_dict(), scheduler_state=self.scheduler.state_dict(),
+            scaler_state=self.scaler.state_dict(), trainer_state=trainer_state, config=self.cfg,
+            keep_last=self.cfg.train.keep_last,
+        )
+        log.info("saved %s", path)
+
+    # ---------------------------------------------------------------- one step
+    def _generator(self, micro: int) -> torch.Generator:
+        seed = int(np.random.SeedSequence([self.cfg.train.seed, micro, self.model_index]).generate_state(1)[0])
+        return torch.Generator(self.device).manual_seed(seed)
+
+    def _micro_step(self, batch, micro: int, sync: bool, loss_by_t: LossByT) -> torch.Tensor:
+        x0 = batch.latents.float()
+        g = self._generator(micro)
+        n = x0.shape[0]
+        tokens = (x0.shape[2] // self.cfg.model.patch_size) * (x0.shape[3] // self.cfg.model.patch_size)
+        t = sample_timesteps(n, self.cfg.flow, generator=g, device=self.device, num_tokens=tokens)
+        eps = torch.randn(x0.shape, generator=g, device=self.device, dtype=x0.dtype)
+        keep = cfg_dropout_keep(n, batch.cond.num_encoders, self.cfg.flow.p_uncond,
+                                encoder_drop_probs(self.cfg.encoders.text) or None, generator=g, device=self.device)
+        cond = batch.cond.keep(keep)
+        net = self.ddp or self.model
+        no_sync = self.ddp.no_sync() if (self.ddp is not None and not sync) else contextlib.nullcontext()
+        with no_sync:
+            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+                loss, per_sample = flow_loss(net, x0, cond, t, eps, weighting=self.cfg.flow.loss_weighting)
+            self.scaler.scale(loss / self.cfg.train.accumulation_steps).backward()
+        loss_by_t.add(t, per_sample)
+        return loss.detach()
+
+    def _optimizer_step(self) -> tuple[float, bool]:
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        finite = all_finite(grad_norm, self.rt)
+        if finite:
+            self.scaler.step(self.optimizer)
+            self.nonfinite_in_row = 0
+        else:
+            self.skipped += 1
+            self.nonfinite_in_row += 1
+            if self.nonfinite_in_row >= self.cfg.train.max_nonfinite_in_row:
+                raise NonFiniteError(f"{self.nonfinite_in_row} optimizer steps in a row had non-finite gradients "
+                                     f"(step {self.step}); lower train.lr or check the data")
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return float(grad_norm), finite
+
+    # ---------------------------------------------------------------- the loop
+    def fit(self) -> dict:
+        cfg, rt = self.cfg, self.rt
+        accum = cfg.train.accumulation_steps
+        start_micro = agree_start_step(self.step * accum, rt.topology, rt.data_group)
+        stop_micro = cfg.train.total_steps * accum
+        if rt.topology.has_loaders:
+            source = remote_source(rt.topology.loader_of(rt.rank), rt.data_group, start_micro, stop_micro)
+        else:
+            index, schedule = build_schedule(cfg, rt.num_model_ranks)
+            producer = BatchProducer(cfg, schedule, index, self.device)
+            source = local_source(producer, self.model_index, start_micro, stop_micro)
+        validator = None
+        if rt.is_main and cfg.train.validate_every and cfg.train.validation_prompts:
+            from .validation import Validator
+
+            validator = Validator(cfg, self.device)
+        logger = None
+        if rt.is_main:
+            logger = MetricsLogger(self.run_dir, cfg.train.wandb_mode, cfg.train.wandb_project, cfg.train.run_name,
+                                   config_to_dict(cfg), None if cfg.train.reset_wandb and self.step == 0 and
+                                   not self.wandb_id else self.wandb_id, cfg.train.total_steps, self.step)
+            self.wandb_id = logger.wandb_id
+        peak = cfg.train.peak_flops or device_peak_flops()
+        loss_by_t = LossByT()
+        window = {"loss": 0.0, "n": 0, "images": 0, "tokens": 0, "flops": 0.0, "wait": source.wait_s,
+                  "t": time.perf_counter()}
+        self.model.train()
+        micro = start_micro
+        stopped = False
+        while self.step < cfg.train.total_steps:
+            for k in range(accum):
+                batch = source.get(micro).to(self.device)
+                self.corrupt += batch.corrupt
+                loss = self._micro_step(batch, micro, sync=k == accum - 1, loss_by_t=loss_by_t)
+                window["loss"] += float(loss)
+                window["n"] += 1
+                b, _, h, w = batch.latents.shape
+                window["images"] += b
+                window["tokens"] += b * (h // cfg.model.patch_size) * (w // cfg.model.patch_size)
+                text_tokens = sum(m.shape[1] for m in batch.cond.masks)
+                window["flops"] += b * train_flops_per_image(cfg.model, h * cfg.model.latent_factor,
+                                                             w * cfg.model.latent_factor, text_tokens)
+                micro += 1
+            grad_norm, _ = self._optimizer_step()
+            self.step += 1
+            if self.step % cfg.train.ema_update_every == 0:
+                self.ema.update(self.model, cfg.train.ema_decay)
+            if logger is not None:
+                logger.advance()
+                if self.step % cfg.train.log_every == 0 or self.step == cfg.train.total_steps:
+                    self._report(logger, window, grad_norm, loss_by_t, source, peak)
+            stopped = agree_stop(rt)
+            if self.step % cfg.train.save_every == 0 or self.step == cfg.train.total_steps or stopped:
+                self.save()
+            if validator is not None and self.step % cfg.train.validate_every == 0:
+                images = validator.run(self.ema.model, self.step, self.run_dir / "validation", self.dtype)
+                logger.log_images(self.step, "validation", images)
+            if stopped:
+                log.warning("stop requested: checkpoint written at step %d, exiting", self.step)
+                break
+        if logger is not None:
+            logger.close()
+        return {"step": self.step, "skipped": self.skipped, "corrupt": self.corrupt, "stopped": stopped,
+                "data_wait_s": source.wait_s}
+
+    def _report(self, logger: MetricsLogger, window: dict, grad_norm: float, loss_by_t: LossByT, source,
+                peak: float) -> None:
+        now = time.perf_counter()
+        elapsed = now - window["t"]
+        values = {
+            "loss": window["loss"] / max(1, window["n"]),
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": grad_norm,
+            "images_per_s": window["images"] * self.rt.num_model_ranks / elapsed,
+            "tokens_per_s": window["tokens"] * self.rt.num_model_ranks / elapsed,
+            "data_wait_frac": (source.wait_s - window["wait"]) / elapsed,
+            "skipped_steps": self.skipped,
+            "corrupt_images": self.corrupt,
+            **loss_by_t.report(),
+        }
+        if peak:
+            values["mfu"] = window["flops"] / elapsed / peak
+        if self.device.type == "cuda":
+            values["max_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        logger.log(self.step, values)
+        window.update(loss=0.0, n=0, images=0, tokens=0, flops=0.0, wait=source.wait_s, t=now)

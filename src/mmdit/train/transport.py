@@ -1,0 +1,124 @@
+"""Loader -> model messages over torch.distributed: a fixed-size header, then the tensors it describes.
+
+The data path always uses a gloo group with CPU tensors (point-to-point send/recv, which gloo supports on
+every platform); model ranks copy the batch to their device. This keeps one code path for CPU and GPU and
+lets a model rank receive in a background thread while it computes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..conditioning import TextCondition
+
+MAGIC = 0x4D4D4454  # "MMDT"
+MAX_ENCODERS = 4
+_FIXED = 12
+HEADER_SIZE = _FIXED + 2 * MAX_ENCODERS
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@dataclass
+class Batch:
+    """One model rank's micro-batch: latents (or pixels) of one bucket, its encoded captions, sample ids."""
+
+    step: int
+    sample_ids: Tensor  # int64 [B]
+    latents: Tensor  # [B, C, H, W]
+    cond: TextCondition
+    corrupt: int = 0  # corrupt images replaced in this batch
+
+    @property
+    def size(self) -> int:
+        return self.latents.shape[0]
+
+    def to(self, device: torch.device, dtype: torch.dtype | None = None) -> Batch:
+        return Batch(self.step, self.sample_ids, self.latents.to(device, dtype or self.latents.dtype,
+                                                                 non_blocking=True),
+                     self.cond.to(device, dtype), self.corrupt)
+
+
+@dataclass(frozen=True)
+class Header:
+    step: int
+    batch: int
+    channels: int
+    height: int
+    width: int
+    latent_dtype: torch.dtype
+    text_dtype: torch.dtype
+    text_shapes: tuple[tuple[int, int], ...]  # (length, width) per sequence encoder
+    pooled_dim: int  # 0 = none
+    corrupt: int
+
+    def encode(self) -> Tensor:
+        h = torch.zeros(HEADER_SIZE, dtype=torch.int64)
+        h[:_FIXED] = torch.tensor([
+            MAGIC, self.step, self.batch, self.channels, self.height, self.width,
+            DTYPES.index(self.latent_dtype), DTYPES.index(self.text_dtype), len(self.text_shapes),
+            self.pooled_dim, self.corrupt, 0,
+        ])
+        for i, (length, width) in enumerate(self.text_shapes):
+            h[_FIXED + 2 * i], h[_FIXED + 2 * i + 1] = length, width
+        return h
+
+    @staticmethod
+    def decode(h: Tensor) -> Header:
+        v = h.tolist()
+        if v[0] != MAGIC:
+            raise RuntimeError(f"data message header has magic {v[0]:#x}, expected {MAGIC:#x}: ranks out of step")
+        n = v[8]
+        shapes = tuple((v[_FIXED + 2 * i], v[_FIXED + 2 * i + 1]) for i in range(n))
+        return Header(v[1], v[2], v[3], v[4], v[5], DTYPES[v[6]], DTYPES[v[7]], shapes, v[9], v[10])
+
+
+def header_of(batch: Batch) -> Header:
+    cond = batch.cond
+    if len(cond.tokens) > MAX_ENCODERS:
+        raise ValueError(f"at most {MAX_ENCODERS} sequence encoders can be streamed, got {len(cond.tokens)}")
+    b, c, h, w = batch.latents.shape
+    return Header(batch.step, b, c, h, w, batch.latents.dtype, cond.tokens[0].dtype,
+                  tuple((t.shape[1], t.shape[2]) for t in cond.tokens),
+                  0 if cond.pooled is None else cond.pooled.shape[1], batch.corrupt)
+
+
+def _payload(batch: Batch) -> list[Tensor]:
+    cond = batch.cond
+    tensors = [batch.sample_ids, batch.latents]
+    for tok, mask in zip(cond.tokens, cond.masks):
+        tensors += [tok, mask.to(torch.uint8)]
+    if cond.pooled is not None:
+        tensors.append(cond.pooled)
+    return [t.detach().cpu().contiguous() for t in tensors]
+
+
+def send_batch(batch: Batch, dst: int, group: dist.ProcessGroup) -> list:
+    """Send header then tensors without blocking; returns the work handles (wait on them before reuse)."""
+    tensors = [header_of(batch).encode(), *_payload(batch)]
+    return [dist.isend(t, dst=dst, group=group) for t in tensors]
+
+
+def recv_batch(src: int, group: dist.ProcessGroup) -> Batch:
+    """Receive one header, allocate exactly what it describes, then receive the tensors."""
+    raw = torch.empty(HEADER_SIZE, dtype=torch.int64)
+    dist.recv(raw, src=src, group=group)
+    h = Header.decode(raw)
+    buffers = [torch.empty(h.batch, dtype=torch.int64), torch.empty(h.batch, h.channels, h.height, h.width,
+                                                                    dtype=h.latent_dtype)]
+    for length, width in h.text_shapes:
+        buffers += [torch.empty(h.batch, length, width, dtype=h.text_dtype), torch.empty(h.batch, length,
+                                                                                         dtype=torch.uint8)]
+    if h.pooled_dim:
+        buffers.append(torch.empty(h.batch, h.pooled_dim, dtype=h.text_dtype))
+    works = [dist.irecv(buf, src=src, group=group) for buf in buffers]
+    for work in works:
+        work.wait()
+    n = len(h.text_shapes)
+    tokens = [buffers[2 + 2 * i] for i in range(n)]
+    masks = [buffers[3 + 2 * i].bool() for i in range(n)]
+    pooled = buffers[2 + 2 * n] if h.pooled_dim else None
+    return Batch(h.step, buffers[0], buffers[1], TextCondition(tokens, masks, pooled), h.corrupt)
