@@ -66,7 +66,7 @@ def test_depth19_preset_has_about_1_2_billion_parameters():
 def test_bad_config_names_the_key():
     with pytest.raises(ConfigError, match="model.pos_encoding"):
         load_config(None, ["model.pos_encoding=RoPE3d"])
-    with pytest.raises(ConfigError, match="Did you mean 'model.depth'"):
+    with pytest.raises(ConfigError, match="model.dept.*Did you mean: 'depth'"):
         load_config(None, ["model.dept=4"])
 
 

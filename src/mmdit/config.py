@@ -7,13 +7,13 @@ cross-field rules and names the offending key and the fix.
 
 from __future__ import annotations
 
-import difflib
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
 from omegaconf import OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+from omegaconf.errors import OmegaConfBaseException
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -241,6 +241,8 @@ class TrainConfig:
     validation_prompts: list[str] = field(default_factory=list)
     validation_size: list[int] = field(default_factory=lambda: [256, 256])
     seed: int = 0
+    # write every micro-batch's bucket and sample ids to <run>/samples_rank<r>.jsonl (a data audit trail)
+    log_samples: bool = False
     # dense bf16 peak FLOP/s of one device for MFU; 0 = look the GPU up by name
     peak_flops: float = 0.0
 
@@ -305,20 +307,6 @@ class Config:
             )
 
 
-def _suggest(key: str, schema: Any) -> str:
-    """Name the valid keys next to a bad one."""
-    node = schema
-    parts = key.split(".")
-    for part in parts[:-1]:
-        node = getattr(node, part, None)
-        if node is None:
-            break
-    valid = [f.name for f in fields(node)] if node is not None and is_dataclass(node) else []
-    close = difflib.get_close_matches(parts[-1], valid, n=1)
-    hint = f" Did you mean '{'.'.join(parts[:-1] + close)}'?" if close else ""
-    return f"unknown config key '{key}'.{hint} Valid keys here: {valid}"
-
-
 def _preset_layers(preset: str | Path, seen: tuple = ()) -> list:
     """A preset file and the presets it extends (``defaults_from: <name>``), parents first."""
     path = Path(preset)
@@ -338,17 +326,16 @@ def load_config(preset: str | Path | None = None, overrides: list[str] | None = 
     """Build a Config from defaults, a preset (name in ``configs/`` or a YAML path) and ``a.b=v`` overrides."""
     schema = OmegaConf.structured(Config)
     layers = _preset_layers(preset) if preset else []
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key.sub=value")
-        layers.append(OmegaConf.from_dotlist([item]))
     try:
         merged = OmegaConf.merge(schema, *layers)
+        for item in overrides or []:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ConfigError(f"override {item!r} must look like key.sub=value (list items: key.0.sub=value)")
+            OmegaConf.update(merged, key.strip(), yaml.safe_load(value) if value else "", merge=True)
         return OmegaConf.to_object(merged)
-    except ConfigKeyError as err:
-        raise ConfigError(_suggest(str(err.full_key), Config())) from None
     except OmegaConfBaseException as err:
-        raise ConfigError(f"bad value for config key '{err.full_key}': {err.msg.splitlines()[0]}") from None
+        raise ConfigError(f"config key '{err.full_key}': {err.msg.splitlines()[0]}") from None
 
 
 def config_to_dict(cfg: Config) -> dict:

@@ -8,6 +8,8 @@ timesteps and CFG dropout are drawn from generators seeded by (seed, micro-step,
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -17,7 +19,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..config import Config, config_to_dict
-from ..flow import encoder_drop_probs, flow_loss, sample_timesteps, cfg_dropout_keep
+from ..flow import cfg_dropout_keep, encoder_drop_probs, flow_loss, sample_timesteps
 from ..model import MMDiT
 from ..model.flops import device_peak_flops, train_flops_per_image
 from . import checkpoint as ckpt
@@ -31,6 +33,15 @@ log = logging.getLogger(__name__)
 
 class NonFiniteError(RuntimeError):
     pass
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of all parameters' bytes: equal on every model rank when DDP kept them in sync."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype:
@@ -211,6 +222,10 @@ class Trainer:
         loss_by_t = LossByT()
         window = {"loss": 0.0, "n": 0, "images": 0, "tokens": 0, "flops": 0.0, "wait": source.wait_s,
                   "t": time.perf_counter()}
+        sample_log = None
+        if cfg.train.log_samples:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            sample_log = (self.run_dir / f"samples_rank{rt.rank}.jsonl").open("a")
         self.model.train()
         micro = start_micro
         stopped = False
@@ -218,6 +233,9 @@ class Trainer:
             for k in range(accum):
                 batch = source.get(micro).to(self.device)
                 self.corrupt += batch.corrupt
+                if sample_log is not None:
+                    sample_log.write(json.dumps({"micro": micro, "bucket": list(batch.latents.shape[2:]),
+                                                 "ids": batch.sample_ids.tolist()}) + "\n")
                 loss = self._micro_step(batch, micro, sync=k == accum - 1, loss_by_t=loss_by_t)
                 window["loss"] += float(loss)
                 window["n"] += 1
@@ -247,8 +265,12 @@ class Trainer:
                 break
         if logger is not None:
             logger.close()
-        return {"step": self.step, "skipped": self.skipped, "corrupt": self.corrupt, "stopped": stopped,
-                "data_wait_s": source.wait_s}
+        if sample_log is not None:
+            sample_log.close()
+        summary = {"rank": rt.rank, "step": self.step, "skipped": self.skipped, "corrupt": self.corrupt,
+                   "stopped": stopped, "data_wait_s": source.wait_s, "weights_sha256": weights_digest(self.model)}
+        (self.run_dir / f"summary_rank{rt.rank}.json").write_text(json.dumps(summary, indent=1))
+        return summary
 
     def _report(self, logger: MetricsLogger, window: dict, grad_norm: float, loss_by_t: LossByT, source,
                 peak: float) -> None:
