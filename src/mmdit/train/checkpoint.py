@@ -1,0 +1,535 @@
+"""Checkpoints: one directory per step, written atomically, loaded without unpickling arbitrary objects.
+
+Layout of ``<run_dir>/step_<N:08d>/``::
+
+    model.safetensors    model state dict
+    ema.safetensors      EMA state dict            (absent if ema_state is None)
+    optimizer.pt         optimizer state dict      (absent if None)
+    scheduler.pt         LR scheduler state dict   (absent if None)
+    scaler.pt            AMP GradScaler state dict (absent if None)
+    trainer_state.json   step, data cursor, RNG states of every rank, wandb id, ... (JSON)
+    config.yaml          the resolved config (mmdit.config.save_config)
+    COMPLETE             JSON manifest (step, files); written last
+
+Atomicity: everything is written into ``step_<N>.tmp-<pid>``, every file and the directory are fsynced,
+the ``COMPLETE`` manifest is written, and the directory is renamed to ``step_<N>`` (``os.rename`` within
+one directory is atomic on POSIX file systems, including Lustre/GPFS/NFS for a single client). Only
+names matching ``step_<digits>`` with a ``COMPLETE`` manifest whose files all exist are ever picked
+up, so a save killed at any point (even SIGKILL) leaves the previous checkpoint as the newest one.
+Leftover ``.tmp-``/``.old-``/``.del-`` directories are cleaned up by the next save. Exactly one
+process (global rank 0) saves into a run directory.
+
+``.pt`` files are loaded with ``torch.load(weights_only=True)``: tensors, numbers, strings and
+containers only; a file holding any other pickled object is refused.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
+
+STEP_DIR_RE = re.compile(r"^step_(\d+)$")
+# leftovers of interrupted saves / replacements / deletions: step_<N>.{tmp,old,del}-<pid>
+_SCRATCH_RE = re.compile(r"^step_(\d+)\.(tmp|old|del)-(\d+)$")
+MARKER = "COMPLETE"
+WEIGHT_FILES = {"model": "model.safetensors", "ema": "ema.safetensors"}
+STATE_FILES = {"optimizer": "optimizer.pt", "scheduler": "scheduler.pt", "scaler": "scaler.pt"}
+TRAINER_STATE = "trainer_state.json"
+CONFIG_FILE = "config.yaml"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or unreadable; the message names the path."""
+
+
+class MissingCheckpointFile(CheckpointError, FileNotFoundError):
+    """A file listed in a checkpoint's manifest is not there."""
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    step: int
+    model_state: dict[str, torch.Tensor]
+    ema_state: dict[str, torch.Tensor] | None
+    optimizer_state: dict | None
+    scheduler_state: dict | None
+    scaler_state: dict | None
+    trainer_state: dict = field(default_factory=dict)
+    config: Any = None  # mmdit.config.Config; None if its config.yaml no longer fits the schema
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{int(step):08d}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# JSON-safe encoding of tensors / arrays (RNG states, cursors) inside trainer_state.json
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Turn tensors, numpy arrays/scalars, tuples and Paths into JSON-safe values (tagged for tensors/arrays)."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        raw = t.view(torch.uint8) if t.dtype != torch.uint8 and t.numel() else t
+        return {
+            "__tensor__": base64.b64encode(raw.numpy().tobytes()).decode("ascii"),
+            "dtype": str(t.dtype).removeprefix("torch."),
+            "shape": list(t.shape),
+        }
+    if isinstance(obj, np.ndarray):
+        a = np.ascontiguousarray(obj)
+        encoded = base64.b64encode(a.tobytes()).decode("ascii")
+        return {"__ndarray__": encoded, "dtype": a.dtype.str, "shape": list(a.shape)}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            if not isinstance(k, (str, int, float, bool)) and k is not None:
+                raise TypeError(f"trainer_state key {k!r} of type {type(k).__name__} is not JSON-safe")
+            out[k] = to_jsonable(v)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    raise TypeError(f"trainer_state value of type {type(obj).__name__} is not JSON-safe: {obj!r:.80}")
+
+
+def from_jsonable(obj: Any) -> Any:
+    """Inverse of :func:`to_jsonable` (tuples come back as lists)."""
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            dtype = getattr(torch, obj["dtype"])
+            buf = bytearray(base64.b64decode(obj["__tensor__"]))
+            raw = torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
+            return raw.view(dtype).reshape(obj["shape"]).clone()
+        if "__ndarray__" in obj:
+            buf = base64.b64decode(obj["__ndarray__"])
+            return np.frombuffer(buf, dtype=np.dtype(obj["dtype"])).reshape(obj["shape"]).copy()
+        return {k: from_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [from_jsonable(v) for v in obj]
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------------
+# RNG state
+
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
+
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8).clone()
+
+
+def numpy_generator_state(gen: np.random.Generator) -> dict:
+    """JSON-safe state of a numpy ``Generator`` (its bit generator's state dict)."""
+    return to_jsonable(gen.bit_generator.state)
+
+
+def set_numpy_generator_state(gen: np.random.Generator, state: dict) -> None:
+    gen.bit_generator.state = from_jsonable(state)
+
+
+def capture_rng_state(generators: dict[str, torch.Generator | np.random.Generator] | None = None) -> dict:
+    """JSON-safe RNG state of this process: python ``random``, numpy global, torch CPU, and CUDA (the current
+    device, when CUDA is initialised). Gather one per rank and restore each rank's own.
+
+    ``generators`` optionally adds named torch/numpy generators (e.g. a data sampler's).
+    """
+    version, internal, gauss_next = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": {"version": version, "state": list(internal), "gauss_next": gauss_next},
+        "numpy": {
+            "name": np_name,
+            "keys": [int(k) for k in np_keys],
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "cached_gaussian": float(np_gauss),
+        },
+        "torch": _b64(torch.get_rng_state()),
+        "cuda": None,
+    }
+    # only the current device (one GPU per rank under torchrun), and only if CUDA is already in use:
+    # capturing must not create CUDA contexts on other GPUs or in CPU-only processes
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        device = torch.cuda.current_device()
+        state["cuda"] = {"device": device, "state": _b64(torch.cuda.get_rng_state(device))}
+    if generators:
+        named = {}
+        for name, gen in generators.items():
+            if isinstance(gen, torch.Generator):
+                named[name] = {"kind": "torch", "state": _b64(gen.get_state())}
+            elif isinstance(gen, np.random.Generator):
+                named[name] = {"kind": "numpy", "state": numpy_generator_state(gen)}
+            else:
+                raise TypeError(f"generator {name!r} has unsupported type {type(gen).__name__}")
+        state["generators"] = named
+    return state
+
+
+def restore_rng_state(state: dict, generators: dict[str, torch.Generator | np.random.Generator] | None = None) -> None:
+    """Restore what :func:`capture_rng_state` captured (CUDA into the current device, if captured and available;
+    call after ``torch.cuda.set_device``)."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
+    n = state["numpy"]
+    np.random.set_state(
+        (n["name"], np.asarray(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
+    torch.set_rng_state(_unb64(state["torch"]))
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available():  # restored into the current device (the saving rank's own)
+        torch.cuda.set_rng_state(_unb64(cuda["state"]), device=torch.cuda.current_device())
+    for name, gen in (generators or {}).items():
+        saved = state.get("generators", {}).get(name)
+        if saved is None:
+            raise CheckpointError(f"RNG state has no generator named {name!r}")
+        if isinstance(gen, torch.Generator):
+            gen.set_state(_unb64(saved["state"]))
+        else:
+            set_numpy_generator_state(gen, saved["state"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# writing
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _prepare_tensors(state: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
+    """CPU, contiguous, and no two entries sharing storage (safetensors refuses shared tensors)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, str]] = set()
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{what}[{key!r}] is a {type(value).__name__}, not a tensor")
+        t = value.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()  # a fresh copy, owns its storage
+        storage_key = (t.untyped_storage().data_ptr(), str(t.device))
+        if storage_key in seen and t.untyped_storage().nbytes() > 0:
+            t = t.clone()
+        else:
+            seen.add(storage_key)
+            t = t.contiguous()
+        out[key] = t
+    return out
+
+
+def _write_safetensors(state: dict[str, torch.Tensor], path: Path, what: str) -> None:
+    save_file(_prepare_tensors(state, what), str(path), metadata={"format": "pt"})
+    _fsync_path(path)
+
+
+def _write_torch(obj: Any, path: Path) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_text(text: str, path: Path) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_config(config: Any, path: Path) -> None:
+    if config is not None and hasattr(config, "__dataclass_fields__"):
+        from mmdit.config import save_config
+
+        save_config(config, path)
+        _fsync_path(path)
+    else:  # a plain dict (or None): written as YAML as is
+        from omegaconf import OmegaConf
+
+        _write_text(OmegaConf.to_yaml(OmegaConf.create(config or {})), path)
+
+
+def _remove_tree(path: Path) -> None:
+    """Delete a directory so that a kill midway never leaves something that looks like a checkpoint."""
+    m = STEP_DIR_RE.match(path.name)
+    if m:
+        doomed = path.with_name(f"{path.name}.del-{os.getpid()}")
+        os.rename(path, doomed)
+        path = doomed
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _cleanup_scratch(run_dir: Path) -> None:
+    """Remove leftovers of killed saves; put back a replaced checkpoint whose replacement never landed."""
+    for p in sorted(run_dir.iterdir()):
+        m = _SCRATCH_RE.match(p.name)
+        if not m or not p.is_dir():
+            continue
+        kind = m.group(2)  # saves are sequential in one process: no scratch dir is in use right now
+        target = run_dir / f"step_{m.group(1)}"
+        if kind == "old" and not target.exists() and _check_complete(p, raise_error=False):
+            log.warning("restoring %s (its replacement was interrupted)", target)
+            os.rename(p, target)
+            continue
+        log.info("removing leftover %s", p)
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    *,
+    model_state: dict[str, torch.Tensor],
+    ema_state: dict[str, torch.Tensor] | None,
+    optimizer_state: dict | None,
+    scheduler_state: dict | None,
+    scaler_state: dict | None,
+    trainer_state: dict,
+    config: Any,
+    keep_last: int,
+) -> Path:
+    """Write ``<run_dir>/step_<step>/`` atomically, then keep only the newest ``keep_last`` (<= 0: keep all).
+
+    ``trainer_state`` must be JSON-safe after :func:`to_jsonable` (tensors/arrays are encoded);
+    ``step`` is stored in it. Call from one process only (global rank 0). Returns the step directory.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _cleanup_scratch(run_dir)
+    final = run_dir / step_dir_name(step)
+    tmp = run_dir / f"{final.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    t0 = time.monotonic()
+
+    files: list[str] = []
+    _write_safetensors(model_state, tmp / WEIGHT_FILES["model"], "model_state")
+    files.append(WEIGHT_FILES["model"])
+    if ema_state is not None:
+        _write_safetensors(ema_state, tmp / WEIGHT_FILES["ema"], "ema_state")
+        files.append(WEIGHT_FILES["ema"])
+    for key, obj in (("optimizer", optimizer_state), ("scheduler", scheduler_state), ("scaler", scaler_state)):
+        if obj is not None:
+            _write_torch(obj, tmp / STATE_FILES[key])
+            files.append(STATE_FILES[key])
+    state = dict(trainer_state)
+    state["step"] = int(step)
+    _write_text(json.dumps(to_jsonable(state), indent=1), tmp / TRAINER_STATE)
+    files.append(TRAINER_STATE)
+    _write_config(config, tmp / CONFIG_FILE)
+    files.append(CONFIG_FILE)
+    manifest = {"format": FORMAT_VERSION, "step": int(step), "files": files, "time": time.time()}
+    _write_text(json.dumps(manifest), tmp / MARKER)
+    _fsync_path(tmp)
+
+    if final.exists():  # re-saving a step: move the old one aside, put the new one in, then delete the old
+        aside = run_dir / f"{final.name}.old-{os.getpid()}"
+        os.rename(final, aside)
+        os.rename(tmp, final)
+        _fsync_path(run_dir)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+        _fsync_path(run_dir)
+    log.info("saved checkpoint %s in %.1fs", final, time.monotonic() - t0)
+
+    if keep_last > 0:
+        complete = [p for _, p in _step_dirs(run_dir) if _check_complete(p, raise_error=False)]
+        for old in complete[:-keep_last]:
+            if old != final:
+                _remove_tree(old)
+    return final
+
+
+# ----------------------------------------------------------------------------------------------------
+# finding and reading
+
+
+def _step_dirs(run_dir: Path) -> list[tuple[int, Path]]:
+    """``step_<N>`` directories sorted by N (numerically); scratch names never match."""
+    if not run_dir.is_dir():
+        return []
+    out = []
+    for p in run_dir.iterdir():
+        m = STEP_DIR_RE.match(p.name)
+        if m and p.is_dir():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def _check_complete(path: Path, raise_error: bool = True) -> dict | None:
+    """The manifest of a complete checkpoint, else None (or a CheckpointError naming what is missing)."""
+
+    def fail(exc: CheckpointError):
+        if raise_error:
+            raise exc
+        return None
+
+    path = Path(path)
+    if not path.is_dir():
+        return fail(CheckpointError(f"checkpoint {path} does not exist (or is not a directory)"))
+    marker = path / MARKER
+    if not marker.is_file():
+        return fail(
+            CheckpointError(f"checkpoint {path} is incomplete: no {MARKER} marker (a save was interrupted?)")
+        )
+    try:
+        manifest = json.loads(marker.read_text())
+    except (OSError, ValueError) as err:
+        return fail(CheckpointError(f"checkpoint {path}: unreadable {MARKER} marker: {err}"))
+    for name in manifest.get("files", []):
+        if not (path / name).is_file():
+            return fail(MissingCheckpointFile(f"checkpoint {path} is missing {name} (listed in its {MARKER})"))
+    return manifest
+
+
+def is_complete(path: str | Path) -> bool:
+    return _check_complete(Path(path), raise_error=False) is not None
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints in ``run_dir``, oldest first."""
+    return [p for _, p in _step_dirs(Path(run_dir)) if is_complete(p)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete ``step_<N>`` directory in ``run_dir``, or None."""
+    for _, p in reversed(_step_dirs(Path(run_dir))):
+        try:
+            _check_complete(p)
+            return p
+        except CheckpointError as err:
+            log.warning("skipping %s", err)
+    return None
+
+
+def resolve_resume(run_dir: str | Path, resume: str | None) -> Path | None:
+    """``"auto"``: newest complete checkpoint in run_dir or None; ``"none"``/``""``: None;
+    otherwise a path to a step directory (absolute, relative to cwd, or a name inside run_dir) or to
+    another run directory (its newest checkpoint). Raises CheckpointError if it is missing or incomplete.
+    """
+    if resume is None or str(resume).strip().lower() in ("", "none", "false", "no"):
+        return None
+    if str(resume).strip().lower() == "auto":
+        return latest_checkpoint(run_dir)
+    path = Path(resume).expanduser()
+    if not path.exists() and (Path(run_dir) / resume).exists():
+        path = Path(run_dir) / resume
+    if not path.exists():
+        raise CheckpointError(f"train.resume={resume!r}: no such checkpoint (also looked in {run_dir})")
+    if not (path / MARKER).exists() and not STEP_DIR_RE.match(path.name) and _step_dirs(path):
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise CheckpointError(f"train.resume={resume!r}: run directory has no complete checkpoint")
+        return latest
+    _check_complete(path)
+    return path
+
+
+def _require(path: Path, name: str) -> Path:
+    f = path / name
+    if not f.is_file():
+        raise MissingCheckpointFile(f"checkpoint {path} is missing {name}")
+    return f
+
+
+def _load_torch(path: Path, name: str, map_location: Any) -> Any:
+    f = _require(path, name)
+    try:
+        return torch.load(f, map_location=map_location, weights_only=True)
+    except Exception as err:  # UnpicklingError for anything outside the weights-only allowlist
+        raise CheckpointError(
+            f"refusing to load {f}: it is not a plain state dict (torch.load weights_only=True failed: "
+            f"{str(err).splitlines()[0] if str(err) else type(err).__name__})"
+        ) from err
+
+
+def _device_str(map_location: Any) -> str:
+    return str(map_location) if map_location is not None else "cpu"
+
+
+def load_checkpoint(path: str | Path, *, map_location: Any = "cpu") -> Checkpoint:
+    """Read everything in a complete step directory. Files not saved (None states) come back as None."""
+    path = Path(path)
+    manifest = _check_complete(path)
+    files = set(manifest["files"])
+    device = _device_str(map_location)
+    model_state = load_file(str(_require(path, WEIGHT_FILES["model"])), device=device)
+    ema_state = None
+    if WEIGHT_FILES["ema"] in files:
+        ema_state = load_file(str(_require(path, WEIGHT_FILES["ema"])), device=device)
+    states = {
+        key: _load_torch(path, name, map_location) if name in files else None for key, name in STATE_FILES.items()
+    }
+    trainer_state = from_jsonable(json.loads(_require(path, TRAINER_STATE).read_text()))
+    from mmdit.config import ConfigError, read_config
+
+    try:
+        config = read_config(_require(path, CONFIG_FILE))
+    except ConfigError as err:  # written by an older schema: the states are still usable
+        log.warning("checkpoint %s: its config.yaml no longer matches the config schema (%s); config=None",
+                    path, err)
+        config = None
+    return Checkpoint(
+        path=path,
+        step=int(trainer_state.get("step", manifest["step"])),
+        model_state=model_state,
+        ema_state=ema_state,
+        optimizer_state=states["optimizer"],
+        scheduler_state=states["scheduler"],
+        scaler_state=states["scaler"],
+        trainer_state=trainer_state,
+        config=config,
+    )
+
+
+def load_weights(path: str | Path, which: str = "ema", *, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """One weights file: ``which`` = "ema" or "model". ``path`` is a step dir, a run dir (newest
+    checkpoint) or a ``.safetensors`` file."""
+    path = Path(path)
+    if path.is_file():
+        return load_file(str(path), device=device)
+    if which not in WEIGHT_FILES:
+        raise ValueError(f"which={which!r}; choose one of {list(WEIGHT_FILES)}")
+    if not (path / MARKER).exists() and not STEP_DIR_RE.match(path.name) and _step_dirs(path):
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise CheckpointError(f"{path} has no complete checkpoint")
+        path = latest
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    return load_file(str(_require(path, WEIGHT_FILES[which])), device=device)
+
+
+def read_trainer_state(path: str | Path) -> dict:
+    """Just the trainer state of a step directory (cheap: no tensors loaded)."""
+    return from_jsonable(json.loads(_require(Path(path), TRAINER_STATE).read_text()))
