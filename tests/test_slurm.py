@@ -166,19 +166,13 @@ def test_runjob_requeues_after_time_limit_signal(slurm, tmp_path):
     assert "requeueing job" in text, text
 
 
-@pytest.mark.skipif(not (REPO / "src" / "train.py").exists(), reason="src/train.py does not exist yet")
-def test_runjob_slurm(slurm, demo_data, tmp_path):
-    """The real thing: `sbatch runjob_SLURM.sh` trains the tiny CPU preset and leaves a checkpoint."""
-    from mmdit.train.checkpoint import latest_checkpoint
-
-    overrides = [f"data.parquet_folder={demo_data['phase']}", f"data.bucket_indices_path={demo_data['index']}",
-                 "data.batch_size=4", f"train.save_dir={tmp_path}", "train.run_name=slurm", "train.total_steps=4",
-                 "train.save_every=2", "train.log_every=1", "train.warmup_steps=0", "train.precision=fp32"]
-    job = sbatch(["--job-name=mmdit-ci-train", "--gres=gpu:1", "--cpus-per-task=1", "--time=10",
-                  f"--output={tmp_path}/job-%j.out", str(RUNJOB), *overrides],
-                 env={"CONFIG": "tiny", "NPROC_PER_NODE": "1"})
-    log = tmp_path / f"job-{job}.out"
-    deadline = time.monotonic() + 540
+def run_train_job(tmp_path: Path, overrides: list[str], name: str) -> str:
+    """sbatch runjob_SLURM.sh (2 workers: a loader rank and a model rank), wait for the end, return its log."""
+    job = sbatch([f"--job-name={name}", "--gres=gpu:2", "--cpus-per-task=2", "--time=10",
+                  f"--output={tmp_path}/{name}-%j.out", str(RUNJOB), *overrides],
+                 env={"CONFIG": "tiny", "NPROC_PER_NODE": "2"})
+    log = tmp_path / f"{name}-{job}.out"
+    deadline = time.monotonic() + 400
     info: dict[str, str] = {}
     while time.monotonic() < deadline:
         info = job_info(job)
@@ -190,8 +184,23 @@ def test_runjob_slurm(slurm, demo_data, tmp_path):
     text = log.read_text() if log.exists() else "(no log)"
     assert info.get("JobState") == "COMPLETED", f"job {job}: {info.get('JobState')}\n{text[-4000:]}"
     assert info["ExitCode"] == "0:0", text[-4000:]
-    latest = latest_checkpoint(tmp_path / "slurm")
-    assert latest is not None and latest.name == "step_00000004", (latest, text[-4000:])
+    return text
+
+
+def test_runjob_slurm_trains_and_resumes(slurm, demo_data, tmp_path):
+    """The real thing: `sbatch runjob_SLURM.sh` trains the tiny CPU preset with a loader rank, leaves a
+    checkpoint, and a second job continues from it."""
+    from mmdit.train.checkpoint import latest_checkpoint
+
+    overrides = [f"data.parquet_folder={demo_data['phase']}", f"data.bucket_indices_path={demo_data['index']}",
+                 "data.batch_size=4", f"train.save_dir={tmp_path}", "train.run_name=slurm", "train.save_every=2",
+                 "train.log_every=1", "train.warmup_steps=0", "train.precision=fp32",
+                 "topology.loader_to_model={0: [1]}"]
+    run_train_job(tmp_path, [*overrides, "train.total_steps=4"], "mmdit-ci-train")
+    assert latest_checkpoint(tmp_path / "slurm").name == "step_00000004"
+    text = run_train_job(tmp_path, [*overrides, "train.total_steps=6", "train.resume=auto"], "mmdit-ci-resume")
+    assert "resumed from" in text and "step_00000004" in text, text[-4000:]
+    assert latest_checkpoint(tmp_path / "slurm").name == "step_00000006"
 
 
 if __name__ == "__main__":
