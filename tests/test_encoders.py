@@ -211,3 +211,19 @@ def test_tiny_builder_cached_and_deterministic(tiny_dirs, tmp_path, capsys):
     for name in ("gemma2", "modernbert", "clip"):
         a = (Path(tiny_dirs[name]) / "tokenizer.json").read_text()
         assert a == (tmp_path / "cli" / name / "tokenizer.json").read_text()
+
+
+def test_caption_cache_gives_the_same_condition_as_encoding(text_encoders):
+    from mmdit.encoders.cache import CaptionCache
+
+    encoders = text_encoders
+    cache = CaptionCache(encoders.encode, size=3)
+    captions = ["a red circle", "a blue square", "a red circle", "a green triangle on the left"]
+    for _ in range(2):
+        got, want = cache.encode(captions), encoders.encode(captions)
+        for a, b in zip(got.tokens + got.masks + [got.pooled], want.tokens + want.masks + [want.pooled]):
+            assert torch.allclose(a.float(), b.float(), atol=1e-5)  # batch composition changes rounding
+    assert cache.misses == 3 and cache.hits == 5 and len(cache.entries) == 3
+    small = CaptionCache(encoders.encode, size=1)
+    small.encode(captions)
+    assert len(small.entries) == 1

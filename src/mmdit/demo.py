@@ -16,12 +16,12 @@ import sys
 import time
 from pathlib import Path
 
-from .config import REPO_ROOT
+from .config import REPO_ROOT, load_config
 from .data.shapes import COLOURS, DEFAULT_HOLDOUT, POSITIONS, SHAPES
 
 # The recipe: what the default demo trains. Chosen so that colour >= 95% and shape >= 85% on seen
 # combinations after the default run (see README, "The CPU demo").
-FULL = {"rows": 6000, "steps": 900, "batch": 32}
+FULL = {"rows": 6000, "steps": 1500, "batch": 32}
 QUICK = {"rows": 300, "steps": 12, "batch": 8}
 
 
@@ -49,7 +49,7 @@ def _step(msg: str) -> float:
     return time.perf_counter()
 
 
-def prepare_data(out: Path, rows: int) -> tuple[Path, Path]:
+def prepare_data(out: Path, rows: int, resolution: int) -> tuple[Path, Path]:
     from .data.demo_dataset import make_demo_dataset
     from .data.indices import create_indices
     from .data.phase import create_phase
@@ -57,7 +57,7 @@ def prepare_data(out: Path, rows: int) -> tuple[Path, Path]:
     raw, phase, index = out / "raw", out / "phase", out / "bucket_indices.npz"
     if not raw.exists():
         make_demo_dataset(raw, num_rows=rows, rows_per_shard=500, seed=0)
-    create_phase(raw, phase, max_resolution=64, n_proc=1, progress=False)
+    create_phase(raw, phase, max_resolution=resolution, n_proc=1, progress=False)
     create_indices(phase, index)
     return phase, index
 
@@ -100,17 +100,16 @@ def sample_and_score(run_dir: Path, out: Path, images_dir: Path, num_steps: int)
     from .score import score_images
 
     pipe = Pipeline.from_checkpoint(run_dir, device="cpu")
+    res = pipe.cfg.model.max_res
     results = {}
     for name, attrs in prompt_sets().items():
         prompts = [caption(a) for a in attrs]
-        images = pipe.generate(prompts, width=64, height=64, num_steps=num_steps, cfg_scale=4.0, sampler="euler",
-                               seed=0, batch_size=16)
-        image_grid(images, cols=6).resize((6 * 66 * 2, -(-len(images) // 6) * 66 * 2), 0).save(
-            images_dir / f"demo_{name}.png")
+        images = pipe.generate(prompts, width=res, height=res, num_steps=num_steps, seed=0, batch_size=16)
+        grid = image_grid(images, cols=6)
+        grid.resize((grid.width * 3, grid.height * 3), 0).save(images_dir / f"demo_{name}.png")
         results[name] = score_images(list(zip(images, attrs)), holdout=())
     gif_prompt = caption({"colour": "green", "shape": "triangle", "position": "left"})
-    _, frames = pipe.generate([gif_prompt], width=64, height=64, num_steps=num_steps, cfg_scale=4.0, seed=1,
-                              return_frames=True)
+    _, frames = pipe.generate([gif_prompt], width=res, height=res, num_steps=num_steps, seed=1, return_frames=True)
     save_gif([f.resize((192, 192), 0) for f in frames[0]], images_dir / "demo_denoising.gif")
     return results
 
@@ -141,8 +140,9 @@ def main(argv: list[str] | None = None) -> None:
     images_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
 
-    t = _step(f"data: {recipe['rows']} shapes images -> aspect buckets <= 64 px -> bucket index")
-    phase, index = prepare_data(out, recipe["rows"])
+    res = load_config("tiny").model.max_res
+    t = _step(f"data: {recipe['rows']} shapes images -> aspect buckets <= {res} px -> bucket index")
+    phase, index = prepare_data(out, recipe["rows"], res)
     print(f"    {time.perf_counter() - t:.1f}s")
     t = _step(f"train {recipe['steps']} steps, batch {recipe['batch']} (torchrun: 1 loader rank + 1 model rank)")
     run_dir = train(out, phase, index, recipe["steps"], recipe["batch"], args.overrides)

@@ -21,6 +21,7 @@ from ..data.indices import BucketIndex
 from ..data.rows import RowReader
 from ..data.schedule import BucketSchedule
 from ..encoders import TextEncoders, make_codec
+from ..encoders.cache import CaptionCache
 from .topology import Topology
 from .transport import Batch, recv_batch, send_batch
 
@@ -44,7 +45,7 @@ class BatchProducer:
     def __init__(self, cfg: Config, schedule: BucketSchedule, index: BucketIndex, device: torch.device):
         self.cfg, self.schedule, self.index, self.device = cfg, schedule, index, device
         self._local = threading.local()  # a RowReader per worker thread (readers are not thread-safe)
-        self.text = TextEncoders.from_config(cfg.encoders, device)
+        self.text = CaptionCache(TextEncoders.from_config(cfg.encoders, device).encode, cfg.encoders.caption_cache)
         self.codec = make_codec(cfg.encoders, device)
         self.corrupt_total = 0
         self._pool = ThreadPoolExecutor(max_workers=max(1, cfg.data.num_workers))
