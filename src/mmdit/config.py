@@ -137,8 +137,8 @@ class EncodersConfig:
     vae: str = ""
     vae_subfolder: str = ""
     dtype: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU
-    # captions kept encoded on each loader (an LRU); 0 = off
-    caption_cache: int = 10000
+    # captions kept encoded on each loader (an LRU; misses are encoded one by one); 0 = off, for unique captions
+    caption_cache: int = 0
 
     def __post_init__(self) -> None:
         _choice("encoders.dtype", self.dtype, ("auto", "fp32", "bf16", "fp16"))

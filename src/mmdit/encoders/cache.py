@@ -1,7 +1,9 @@
 """An LRU cache of encoded captions: a repeated caption is text-encoded once.
 
-Real datasets rarely repeat captions, but recaptioned ones with short-caption columns and every
-synthetic set do; the cache then removes most of the loader's text-encoder work.
+Real datasets rarely repeat captions, but synthetic and templated ones do; the cache then removes most
+of the loader's text-encoder work. A missing caption is encoded on its own (batch of one), so its
+encoding never depends on its batch-mates or on what the cache held before: runs with and without
+loader ranks, and resumed runs, stay bit-identical.
 """
 
 from __future__ import annotations
@@ -27,13 +29,10 @@ class CaptionCache:
         missing = list(dict.fromkeys(c for c in captions if c not in self.entries))
         self.misses += len(missing)
         self.hits += len(captions) - len(missing)
-        if missing:
-            fresh = self.encode_fn(missing)
-            for i, caption in enumerate(missing):
-                self.entries[caption] = (
-                    [t[i].clone() for t in fresh.tokens], [m[i].clone() for m in fresh.masks],
-                    None if fresh.pooled is None else fresh.pooled[i].clone(),
-                )
+        for caption in missing:
+            fresh = self.encode_fn([caption])
+            self.entries[caption] = ([t[0] for t in fresh.tokens], [m[0] for m in fresh.masks],
+                                     None if fresh.pooled is None else fresh.pooled[0])
         rows = []
         for caption in captions:
             self.entries.move_to_end(caption)

@@ -14,7 +14,8 @@ from .positions import apply_rotary
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    return x * (1 + scale[:, None]) + shift[:, None]
+    """x * (1 + scale) + shift per sample, as one fused multiply-add over the tokens."""
+    return torch.addcmul(shift[:, None], x, 1 + scale[:, None])
 
 
 class SwiGLU(nn.Module):
@@ -62,9 +63,13 @@ class StreamLayers(nn.Module):
             self.mlp = SwiGLU(dim, hidden) if mlp_type == "swiglu" else GeluMLP(dim, hidden)
 
     def qkv_heads(self, x: Tensor, shift: Tensor, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Modulated pre-norm, projection to [B, H, N, Dh] queries/keys/values, QK RMSNorm."""
+        """Modulated pre-norm, projection to token-major [B, N, H, Dh] queries/keys/values, QK RMSNorm.
+
+        Token-major views of the fused projection: concatenating the streams along N and transposing to
+        [B, H, N, Dh] for attention then needs no copies, and neither do their gradients on the way back.
+        """
         b, n, _ = x.shape
-        q, k, v = self.qkv(modulate(self.norm1(x), shift, scale)).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv(modulate(self.norm1(x), shift, scale)).view(b, n, 3, self.heads, -1).unbind(2)
         return self.q_norm(q), self.k_norm(k), v
 
     def mlp_branch(self, x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -87,17 +92,18 @@ class JointBlock(nn.Module):
         self.checkpoint_attn, self.checkpoint_mlp = checkpoint_attn, checkpoint_mlp
 
     def _attend(self, img: Tensor, txt: Tensor, mod_img: list[Tensor], mod_txt: list[Tensor],
-                key_mask: Tensor, rope: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+                key_mask: Optional[Tensor], rope: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         qi, ki, vi = self.image.qkv_heads(img, mod_img[0], mod_img[1])
         qt, kt, vt = self.text.qkv_heads(txt, mod_txt[0], mod_txt[1])
         if rope is not None:  # image tokens only; text tokens carry no position
+            rope = rope.unsqueeze(-2)  # [N, 1, Dh/2]: the same rotation for every head
             qi, ki = apply_rotary(qi, rope), apply_rotary(ki, rope)
-        n_txt = txt.shape[1]
-        out = self.attention(torch.cat([qt, qi], 2), torch.cat([kt, ki], 2), torch.cat([vt, vi], 2), key_mask)
-        out = out.transpose(1, 2).flatten(2)  # [B, N, dim]
-        return out[:, n_txt:], out[:, :n_txt]
+        q, k, v = (torch.cat(pair, 1).transpose(1, 2) for pair in ((qt, qi), (kt, ki), (vt, vi)))  # [B, H, N, Dh]
+        out = self.attention(q, k, v, key_mask).transpose(1, 2).flatten(2)  # [B, N, dim]
+        out_txt, out_img = out.split([txt.shape[1], img.shape[1]], dim=1)
+        return out_img, out_txt
 
-    def forward(self, img: Tensor, txt: Tensor, y: Tensor, key_mask: Tensor,
+    def forward(self, img: Tensor, txt: Tensor, y: Tensor, key_mask: Optional[Tensor],
                 rope: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
         mod_img = self.image.adaLN(y).chunk(6, dim=-1)
         mod_txt = self.text.adaLN(y).chunk(2 if self.text.pre_only else 6, dim=-1)
@@ -112,9 +118,9 @@ class JointBlock(nn.Module):
 
     def _residual(self, stream: StreamLayers, x: Tensor, attn: Tensor, mod: list[Tensor]) -> Tensor:
         _, _, gate_attn, shift_mlp, scale_mlp, gate_mlp = mod
-        x = x + gate_attn[:, None] * stream.proj(attn)
+        x = torch.addcmul(x, gate_attn[:, None], stream.proj(attn))
         if self.checkpoint_mlp and self.training:
             mlp = checkpoint(stream.mlp_branch, x, shift_mlp, scale_mlp, use_reentrant=False)
         else:
             mlp = stream.mlp_branch(x, shift_mlp, scale_mlp)
-        return x + gate_mlp[:, None] * mlp
+        return torch.addcmul(x, gate_mlp[:, None], mlp)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..conditioning import TextCondition
@@ -59,7 +60,14 @@ class TextInput(nn.Module):
         self.proj = nn.Linear(in_dim, dim)
 
     def forward(self, tokens: Tensor) -> Tensor:
-        return self.proj(self.norm(tokens) * self.scale)
+        """proj(RMSNorm(tokens) * scale), with the norm's weight and the scale folded into the projection.
+
+        proj((n * w) * s) = n @ (W * (w s))^T + b for the normalised tokens n: the same map, but the backward
+        needs no gradient with respect to the [B, L, in_dim] tokens (frozen encoder features) to train w and
+        s, only the weight gradient that the projection needs anyway.
+        """
+        normed = F.rms_norm(tokens, self.norm.normalized_shape, None, self.norm.eps)
+        return F.linear(normed, self.proj.weight * (self.norm.weight * self.scale), self.proj.bias)
 
 
 class ConditionEmbedder(nn.Module):

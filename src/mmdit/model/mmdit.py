@@ -12,7 +12,7 @@ from ..config import ModelConfig
 from .attention import get_attention
 from .blocks import JointBlock, modulate
 from .embedders import ConditionEmbedder, patchify, unpatchify
-from .positions import rope_angles_1d, rope_angles_2d, sincos_2d
+from .positions import rope_angles_1d, rope_angles_2d, rope_rotors, sincos_2d
 
 
 class FinalLayer(nn.Module):
@@ -75,6 +75,14 @@ class MMDiT(nn.Module):
         fn = rope_angles_2d if kind == "RoPE2d" else rope_angles_1d
         return _cached(fn, grid_h, grid_w, self.cfg.head_dim, self.position_scale, device)
 
+    def rope_rotors(self, grid_h: int, grid_w: int, device: torch.device) -> Tensor | None:
+        """exp(i * angles) of :meth:`rope_angles`, built once per grid and device (what the blocks apply)."""
+        kind = self.cfg.pos_encoding
+        if kind not in ("RoPE2d", "RoPE"):
+            return None
+        fn = _rotors_2d if kind == "RoPE2d" else _rotors_1d
+        return _cached(fn, grid_h, grid_w, self.cfg.head_dim, self.position_scale, device)
+
     def forward(self, x: Tensor, t: Tensor, cond: TextCondition) -> Tensor:
         b, c, h, w = x.shape
         p = self.cfg.patch_size
@@ -89,7 +97,9 @@ class MMDiT(nn.Module):
             img = img + pos.to(img.dtype)
         txt, key_mask, y = self.condition(t, cond)
         key_mask = torch.cat([key_mask, torch.ones(b, img.shape[1], dtype=torch.bool, device=x.device)], dim=1)
-        rope = self.rope_angles(grid_h, grid_w, x.device)
+        if bool(key_mask.all()):  # no padding: one host sync here instead of one per block, and mask-free kernels
+            key_mask = None
+        rope = self.rope_rotors(grid_h, grid_w, x.device)
         for block in self.blocks:
             img, txt = block(img, txt, y, key_mask, rope)
         return unpatchify(self.final(img, y), p, c, h, w)
@@ -99,6 +109,14 @@ class MMDiT(nn.Module):
 def _cached(fn, grid_h: int, grid_w: int, dim: int, scale: float, device: torch.device) -> Tensor:
     """Position tables depend only on the grid, so each bucket's table is built once per device."""
     return fn(grid_h, grid_w, dim, scale, device=device)
+
+
+def _rotors_2d(grid_h: int, grid_w: int, dim: int, scale: float, device=None) -> Tensor:
+    return rope_rotors(rope_angles_2d(grid_h, grid_w, dim, scale, device=device))
+
+
+def _rotors_1d(grid_h: int, grid_w: int, dim: int, scale: float, device=None) -> Tensor:
+    return rope_rotors(rope_angles_1d(grid_h, grid_w, dim, scale, device=device))
 
 
 def count_parameters(cfg: ModelConfig) -> int:

@@ -41,13 +41,27 @@ def rope_angles_1d(height: int, width: int, head_dim: int, scale: float = 1.0, d
     return index[:, None] * _inverse_frequencies(head_dim // 2, device)
 
 
+def rope_rotors(angles: Tensor) -> Tensor:
+    """Unit complex numbers exp(i * angle) [N, D/2] (complex64): :func:`apply_rotary` then does one multiply."""
+    return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
+
+
 def apply_rotary(x: Tensor, angles: Tensor) -> Tensor:
-    """Rotate consecutive channel pairs (x[2i], x[2i+1]) of x [..., N, D] by angles [N, D/2]."""
-    cos, sin = angles.cos().to(torch.float32), angles.sin().to(torch.float32)
-    pairs = x.float().unflatten(-1, (-1, 2))
-    even, odd = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)
-    return rotated.flatten(-2).to(x.dtype)
+    """Rotate consecutive channel pairs (x[2i], x[2i+1]) of x [..., N, D] by angles [N, D/2].
+
+    The angles broadcast against x's pairs [..., D/2]: for token-major x [B, N, H, D] pass [N, 1, D/2].
+
+    ``angles`` are real angles, or the complex rotors of :func:`rope_rotors` (what the model passes, built
+    once per grid). Each pair is one complex number, so the rotation is a single complex multiply forward and
+    backward. float32/float64 inputs rotate in their own precision; half-precision ones in float32.
+    """
+    rotors = angles if angles.is_complex() else torch.polar(torch.ones_like(angles), angles)
+    work = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    if work.stride(-1) != 1 or work.storage_offset() % 2 or any(s % 2 for s in work.stride()[:-1]):
+        work = work.contiguous()  # view_as_complex needs (real, imag) adjacent and complex-aligned strides
+    pairs = torch.view_as_complex(work.unflatten(-1, (-1, 2)))
+    rotated = torch.view_as_real(pairs * rotors.to(pairs.dtype)).flatten(-2)
+    return rotated.to(x.dtype)
 
 
 def sincos_2d(height: int, width: int, dim: int, scale: float = 1.0, device=None) -> Tensor:
