@@ -223,9 +223,9 @@ def test_caption_cache_gives_the_same_condition_as_encoding(text_encoders):
         got, want = cache.encode(captions), encoders.encode(captions)
         for a, b in zip(got.tokens + got.masks + [got.pooled], want.tokens + want.masks + [want.pooled]):
             assert torch.allclose(a.float(), b.float(), atol=1e-5)  # batch composition changes rounding
+    assert cache.misses == 3 and cache.hits == 5 and len(cache.entries) == 3
     alone = encoders.encode(["a red circle"])
     assert torch.equal(cache.encode(["a red circle"]).tokens[0], alone.tokens[0])  # bit-equal to a batch of one
-    assert cache.misses == 3 and cache.hits == 5 and len(cache.entries) == 3
     small = CaptionCache(encoders.encode, size=1)
     small.encode(captions)
     assert len(small.entries) == 1
