@@ -183,6 +183,8 @@ class DataConfig:
     # buckets with fewer rows than one global batch are: "drop"ped or "merge"d (sampled with replacement)
     small_buckets: str = "drop"
     num_workers: int = 2
+    # torch intra-op threads on a loader rank (0 = torch's default); 1 keeps a CPU loader off the model's cores
+    loader_threads: int = 0
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -64,6 +64,8 @@ def train(cfg: Config, rt: Runtime) -> dict:
 
 
 def _loader_main(cfg: Config, rt: Runtime, total_micro: int) -> dict:
+    if cfg.data.loader_threads:
+        torch.set_num_threads(cfg.data.loader_threads)
     start = agree_start_step(0, rt.topology, rt.data_group)
     index, schedule = build_schedule(cfg, rt.num_model_ranks)
     producer = BatchProducer(cfg, schedule, index, rt.device)
