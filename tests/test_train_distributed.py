@@ -36,7 +36,8 @@ def base_overrides(tiny_models: dict, data: dict, save_dir: Path, steps: int, **
         "encoders.text.2.name": tiny_models["clip"], "encoders.vae": tiny_models["vae"],
         "data.parquet_folder": data["phase"], "data.bucket_indices_path": data["index"],
         "data.batch_size": 4, "train.save_dir": save_dir, "train.total_steps": steps, "train.log_every": 1,
-        "train.save_every": 1000, "train.warmup_steps": 0, "train.precision": "fp32", "train.log_samples": True,
+        "train.save_every": 1000, "train.warmup_steps": 0, "train.lr_schedule": "constant", "train.precision": "fp32",
+        "train.log_samples": True,
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
@@ -93,6 +94,7 @@ def test_zero_and_one_loader_ranks_train_identically(tiny_models, demo_data, tmp
 
 
 def test_resume_is_bit_exact(tiny_models, demo_data, tmp_path):
+    """2N steps straight == N steps, stop, resume N more (constant LR: a cosine one depends on total_steps)."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     extra = {"train.ema_update_every": 1, "train.accumulation_steps": 2}
     run_ok(3, [*base_overrides(tiny_models, demo_data, straight, 6, **extra), LOADER])
