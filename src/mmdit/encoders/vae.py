@@ -7,6 +7,7 @@ VAE's own config (a missing shift is 0), which :meth:`VAECodec.decode` inverts e
 
 from __future__ import annotations
 
+import abc
 import os
 from pathlib import Path
 from typing import Optional
@@ -44,7 +45,7 @@ def to_pil(images: Tensor) -> list:
     return [Image.fromarray(a) for a in arr]
 
 
-class ImageCodec:
+class ImageCodec(abc.ABC):
     """Maps images to what the diffusion model sees (``encode``) and back (``decode``)."""
 
     latent_channels: int
@@ -52,11 +53,13 @@ class ImageCodec:
     device: torch.device
     dtype: torch.dtype
 
-    def encode(self, images: Tensor, **kwargs) -> Tensor:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abc.abstractmethod
+    def encode(self, images: Tensor, **kwargs) -> Tensor:
+        """uint8 [B, 3, H, W] (or float in [-1, 1]) -> model inputs [B, C, H/f, W/f]."""
 
-    def decode(self, latents: Tensor) -> Tensor:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abc.abstractmethod
+    def decode(self, latents: Tensor) -> Tensor:
+        """Model inputs -> float images in [-1, 1]."""
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """[C, h, w] of the latent for an image of ``height`` x ``width`` pixels."""
