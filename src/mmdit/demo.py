@@ -2,7 +2,7 @@
 + 1 model rank, pixel space, the offline MiniLM text encoder) -> EMA samples, a denoising gif, the loss curve,
 and a score of colour / shape / position on seen and held-out colour x shape combinations.
 
-    python -m mmdit demo            # the full recipe (~10 minutes on 2 CPU cores)
+    python -m mmdit demo            # the full recipe (~10.5 minutes on 2 CPU cores)
     python -m mmdit demo --quick    # a one-minute smoke run of the same pipeline (CI)
 """
 
@@ -21,7 +21,7 @@ from .data.shapes import COLOURS, DEFAULT_HOLDOUT, POSITIONS, SHAPES
 
 # The recipe: what the default demo trains. Chosen so that colour >= 95% and shape >= 85% on seen
 # combinations after the default run (see README, "The CPU demo").
-FULL = {"rows": 6000, "steps": 2500, "batch": 32}
+FULL = {"rows": 6000, "steps": 1500, "batch": 32}
 QUICK = {"rows": 300, "steps": 12, "batch": 8}
 
 
