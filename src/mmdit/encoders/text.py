@@ -226,6 +226,15 @@ def load_text_encoder(
     )
 
 
+def offload_to_cpu(holder):
+    """``holder.to("cpu")`` (anything with ``.device`` and ``.to``), then free the CUDA cache it leaves behind."""
+    on_cuda = holder.device.type == "cuda"
+    holder.to("cpu")
+    if on_cuda and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return holder
+
+
 class TextEncoders:
     """All configured text encoders behind one ``encode(captions) -> TextCondition`` call.
 
@@ -299,11 +308,7 @@ class TextEncoders:
 
     def offload(self) -> TextEncoders:
         """Move the models to the CPU and release cached GPU memory."""
-        on_cuda = self.device.type == "cuda"
-        self.to("cpu")
-        if on_cuda and torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        return self
+        return offload_to_cpu(self)
 
     def __repr__(self) -> str:
         names = ", ".join(f"{e.kind}:{e.cfg.name}({e.dim})" for e in self.encoders)

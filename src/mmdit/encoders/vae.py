@@ -17,7 +17,7 @@ from torch import Tensor
 
 from mmdit.config import EncodersConfig
 
-from .text import EncoderNotFoundError, _looks_like_path, _missing_message, resolve_dtype
+from .text import EncoderNotFoundError, _looks_like_path, _missing_message, offload_to_cpu, resolve_dtype
 
 
 def images_to_float(images: Tensor) -> Tensor:
@@ -73,7 +73,8 @@ class ImageCodec(abc.ABC):
         return self
 
     def offload(self) -> ImageCodec:
-        return self.to("cpu")
+        """Move to the CPU and release cached GPU memory."""
+        return offload_to_cpu(self)
 
     to_uint8 = staticmethod(to_uint8)
     to_pil = staticmethod(to_pil)
@@ -185,13 +186,6 @@ class VAECodec(ImageCodec):
     def to(self, device: torch.device | str) -> VAECodec:
         self.device = torch.device(device)
         self.vae.to(self.device)
-        return self
-
-    def offload(self) -> VAECodec:
-        on_cuda = self.device.type == "cuda"
-        self.to("cpu")
-        if on_cuda and torch.cuda.is_available():
-            torch.cuda.empty_cache()
         return self
 
     def __repr__(self) -> str:

@@ -14,6 +14,8 @@ from .blocks import JointBlock, modulate
 from .embedders import ConditionEmbedder, patchify, unpatchify
 from .positions import rope_angles_1d, rope_angles_2d, rope_rotors, sincos_2d
 
+ROPE_ANGLES = {"RoPE2d": rope_angles_2d, "RoPE": rope_angles_1d}
+
 
 class FinalLayer(nn.Module):
     """adaLN (shift, scale) + linear back to patch pixels; starts at zero so the first prediction is 0."""
@@ -69,19 +71,15 @@ class MMDiT(nn.Module):
         return self.cfg.max_res_orig / self.cfg.max_res
 
     def rope_angles(self, grid_h: int, grid_w: int, device: torch.device) -> Tensor | None:
-        kind = self.cfg.pos_encoding
-        if kind not in ("RoPE2d", "RoPE"):
-            return None
-        fn = rope_angles_2d if kind == "RoPE2d" else rope_angles_1d
-        return _cached(fn, grid_h, grid_w, self.cfg.head_dim, self.position_scale, device)
+        """Rotation angles [tokens, head_dim / 2] of the image tokens (None without RoPE)."""
+        fn = ROPE_ANGLES.get(self.cfg.pos_encoding)
+        return None if fn is None else _cached(fn, grid_h, grid_w, self.cfg.head_dim, self.position_scale, device)
 
     def rope_rotors(self, grid_h: int, grid_w: int, device: torch.device) -> Tensor | None:
         """exp(i * angles) of :meth:`rope_angles`, built once per grid and device (what the blocks apply)."""
-        kind = self.cfg.pos_encoding
-        if kind not in ("RoPE2d", "RoPE"):
-            return None
-        fn = _rotors_2d if kind == "RoPE2d" else _rotors_1d
-        return _cached(fn, grid_h, grid_w, self.cfg.head_dim, self.position_scale, device)
+        fn = ROPE_ANGLES.get(self.cfg.pos_encoding)
+        return None if fn is None else _cached_rotors(fn, grid_h, grid_w, self.cfg.head_dim, self.position_scale,
+                                                      device)
 
     def forward(self, x: Tensor, t: Tensor, cond: TextCondition) -> Tensor:
         b, c, h, w = x.shape
@@ -111,12 +109,9 @@ def _cached(fn, grid_h: int, grid_w: int, dim: int, scale: float, device: torch.
     return fn(grid_h, grid_w, dim, scale, device=device)
 
 
-def _rotors_2d(grid_h: int, grid_w: int, dim: int, scale: float, device=None) -> Tensor:
-    return rope_rotors(rope_angles_2d(grid_h, grid_w, dim, scale, device=device))
-
-
-def _rotors_1d(grid_h: int, grid_w: int, dim: int, scale: float, device=None) -> Tensor:
-    return rope_rotors(rope_angles_1d(grid_h, grid_w, dim, scale, device=device))
+@lru_cache(maxsize=64)
+def _cached_rotors(fn, grid_h: int, grid_w: int, dim: int, scale: float, device: torch.device) -> Tensor:
+    return rope_rotors(_cached(fn, grid_h, grid_w, dim, scale, device))
 
 
 def count_parameters(cfg: ModelConfig) -> int:
