@@ -40,210 +40,29 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from .checkpoint_loading import (  # noqa: F401 - re-exported: the inference API in one import
+    WEIGHTS,
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+    ImageSizeError,
+    InferenceError,
+    check_state_dict,
+    default_device,
+    default_dtype,
+    keep_time_scale_fp32,
+    load_model,
+    read_checkpoint_config,
+    resolve_checkpoint,
+    weights_file,
+)
 from .conditioning import TextCondition
-from .config import Config, ConfigError, read_config
+from .config import Config
+from .image_files import image_filename, image_grid, save_gif, save_images, slugify  # noqa: F401
 from .sampling import SAMPLERS, sample, sample_noise
 
 log = logging.getLogger(__name__)
 
-WEIGHTS = ("ema", "model")
 FRAME_MODES = ("x0", "state")
-# prefixes that wrappers add to state-dict keys: torch.compile, DDP
-_WRAPPER_PREFIXES = ("_orig_mod.", "module.")
-
-
-class InferenceError(ValueError):
-    """A bad inference request or an unusable checkpoint; the message says what and how to fix it."""
-
-
-class CheckpointNotFoundError(InferenceError, FileNotFoundError):
-    """The checkpoint path, or a file it must contain, does not exist."""
-
-
-class CheckpointMismatchError(InferenceError):
-    """The checkpoint's config.yaml does not describe its weights."""
-
-
-class ImageSizeError(InferenceError):
-    """Width/height the model cannot produce; the message names the nearest valid size."""
-
-
-# ----------------------------------------------------------------------------------------------------
-# checkpoint files
-
-
-def resolve_checkpoint(path: Union[str, Path]) -> Path:
-    """The step directory to load: ``path`` itself (a ``step_<N>`` folder with a config.yaml), the newest
-    complete checkpoint of a run directory, or the folder of a ``.safetensors`` file."""
-    from .train.checkpoint import CONFIG_FILE, MARKER, latest_checkpoint
-
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise CheckpointNotFoundError(f"checkpoint not found: {p} does not exist")
-    if p.is_file():
-        if p.suffix != ".safetensors":
-            raise CheckpointNotFoundError(f"checkpoint {p} is a file but not a .safetensors weights file")
-        p = p.parent
-    if (p / CONFIG_FILE).is_file():
-        if not (p / MARKER).is_file():
-            log.warning("checkpoint %s has no %s marker (an interrupted save?); loading it anyway", p, MARKER)
-        return p
-    latest = latest_checkpoint(p)
-    if latest is None:
-        raise CheckpointNotFoundError(
-            f"checkpoint not found: {p} has no {CONFIG_FILE} and no complete step_<N> checkpoint folder inside"
-        )
-    return latest
-
-
-def weights_file(step_dir: Path, weights: str = "ema") -> Path:
-    """``ema.safetensors`` or ``model.safetensors`` in a step directory, with a clear error if absent."""
-    from .train.checkpoint import WEIGHT_FILES
-
-    if weights not in WEIGHTS:
-        raise InferenceError(f"weights={weights!r}; choose one of {list(WEIGHTS)}")
-    f = Path(step_dir) / WEIGHT_FILES[weights]
-    if not f.is_file():
-        other = "model" if weights == "ema" else "ema"
-        has_other = (f.parent / WEIGHT_FILES[other]).is_file()
-        alt = f" (it has {WEIGHT_FILES[other]}: use weights={other!r})" if has_other else ""
-        raise CheckpointNotFoundError(f"checkpoint file not found: {f}{alt}")
-    return f
-
-
-def read_checkpoint_config(step_dir: Path) -> Config:
-    from .train.checkpoint import CONFIG_FILE
-
-    f = Path(step_dir) / CONFIG_FILE
-    if not f.is_file():
-        raise CheckpointNotFoundError(f"checkpoint file not found: {f}")
-    try:
-        return read_config(f)
-    except ConfigError as err:
-        raise InferenceError(f"checkpoint config {f} is invalid: {err}") from None
-
-
-def _strip_wrapper_prefixes(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    for prefix in _WRAPPER_PREFIXES:
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
-    return state
-
-
-def _shape_hint(state: dict[str, Tensor]) -> str:
-    """What architecture the weights themselves look like (depth, width, input channels)."""
-    blocks = {int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))}
-    parts = []
-    if blocks:
-        parts.append(f"depth={max(blocks) + 1}")
-    w = state.get("patch_embed.weight")
-    if w is not None and w.dim() == 2:
-        parts.append(f"hidden_size={w.shape[0]}")
-        parts.append(f"in_channels*patch_size^2={w.shape[1]}")
-    return ", ".join(parts)
-
-
-def _collapse(keys: list[str], universe: set[str]) -> list[str]:
-    """Name whole modules: ``blocks.2.*`` when every key of ``universe`` under ``blocks.2.`` is in ``keys``."""
-    keyset, out, covered = set(keys), [], set()
-    for k in keys:
-        if k in covered:
-            continue
-        parts = k.split(".")
-        name = k
-        for n in range(1, len(parts)):
-            prefix = ".".join(parts[:n]) + "."
-            under = {u for u in universe if u.startswith(prefix)}
-            if under <= keyset:
-                name = prefix + "*"
-                covered |= under
-                break
-        out.append(name)
-    return out
-
-
-def _list(items: list[str], n: int = 4) -> str:
-    head = ", ".join(items[:n])
-    return f"{head}, ... ({len(items)} in all)" if len(items) > n else head
-
-
-def check_state_dict(model: torch.nn.Module, state: dict[str, Tensor], source: str = "checkpoint") -> None:
-    """Raise one :class:`CheckpointMismatchError` listing missing/unexpected keys and shape mismatches."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [
-        f"{k} (weights {list(state[k].shape)}, config {list(v.shape)})"
-        for k, v in expected.items()
-        if k in state and tuple(state[k].shape) != tuple(v.shape)
-    ]
-    if not (missing or unexpected or shapes):
-        return
-    problems = []
-    if missing:
-        problems.append(f"missing {_list(_collapse(missing, set(expected)))}")
-    if unexpected:
-        problems.append(f"unexpected {_list(_collapse(unexpected, set(state)))}")
-    if shapes:
-        problems.append(f"shape mismatch for {_list(shapes, 2)}")
-    cfg = getattr(model, "cfg", None)
-    described = (
-        f" (config: model.depth={cfg.depth}, hidden_size={cfg.dim}, num_heads={cfg.heads}, "
-        f"in_channels={cfg.in_channels}, patch_size={cfg.patch_size}, mlp_type={cfg.mlp_type})"
-        if cfg is not None
-        else ""
-    )
-    hint = _shape_hint(state)
-    raise CheckpointMismatchError(
-        f"{source} weights do not match its config{described}: {'; '.join(problems)}"
-        + (f". The weights look like {hint}" if hint else "")
-    )
-
-
-def load_model(
-    path: Union[str, Path],
-    weights: str = "ema",
-    device: Union[str, torch.device, None] = None,
-    dtype: Optional[torch.dtype] = None,
-):
-    """(MMDiT in eval mode on ``device``/``dtype``, its Config, the step directory) from a checkpoint."""
-    from safetensors.torch import load_file
-
-    from .model import MMDiT
-
-    device = torch.device(device) if device is not None else default_device()
-    dtype = dtype or default_dtype(device)
-    step_dir = resolve_checkpoint(path)
-    cfg = read_checkpoint_config(step_dir)
-    f = weights_file(step_dir, weights)
-    state = _strip_wrapper_prefixes(load_file(str(f), device="cpu"))
-    with torch.device("meta"):
-        model = MMDiT(cfg.model)
-    check_state_dict(model, state, f"checkpoint {step_dir}")
-    model.load_state_dict(state, strict=True, assign=True)
-    if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):  # non-persistent buffers
-        model = MMDiT(cfg.model)
-        model.load_state_dict(state, strict=True)
-    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    keep_time_scale_fp32(model)
-    return model, cfg, step_dir
-
-
-def keep_time_scale_fp32(model: torch.nn.Module) -> None:
-    """The learnable time scale (~1000) multiplies t before the sinusoids; in bf16 t x 1000 has a step of
-    4 near 1000, so this one scalar stays fp32 (t arrives in fp32 from the sampler)."""
-    ts = getattr(getattr(getattr(model, "condition", None), "time", None), "time_scale", None)
-    if isinstance(ts, torch.nn.Parameter) and ts.dtype != torch.float32:
-        ts.data = ts.data.float()
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def default_dtype(device: Union[str, torch.device]) -> torch.dtype:
-    """bf16 on CUDA, fp32 elsewhere."""
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -276,71 +95,7 @@ def random_seed() -> int:
     return random.SystemRandom().randrange(2**31 - 1)
 
 
-def slugify(text: str, max_len: int = 60) -> str:
-    """A file-name-safe version of a prompt: lowercase words joined by '_' (``empty`` for '')."""
-    slug = re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:max_len].rstrip("_")
-    return slug or "empty"
 
-
-def image_filename(prompt: str, seed: int, ext: str = "png") -> str:
-    return f"{slugify(prompt)}_seed{seed}.{ext}"
-
-
-# ----------------------------------------------------------------------------------------------------
-# images and gifs
-
-
-def save_gif(frames: Sequence, path: Union[str, Path], duration_ms: int = 100, hold_last_ms: int = 1000) -> Path:
-    """Write PIL frames as a looping animated gif, one gif frame per given frame, the last held longer.
-
-    Pillow merges consecutive frames that are pixel-identical (adding up their durations), so a gif of a
-    model that does not change the image between steps can have fewer frames than given.
-    """
-    if not frames:
-        raise ValueError("save_gif needs at least one frame")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    durations = [int(duration_ms)] * len(frames)
-    durations[-1] = max(int(duration_ms), int(hold_last_ms))
-    first, *rest = [f.convert("RGB") for f in frames]
-    first.save(path, save_all=True, append_images=rest, duration=durations, loop=0, optimize=False)
-    return path
-
-
-def image_grid(images: Sequence, cols: Optional[int] = None, pad: int = 2):
-    """Tile PIL images (same size) into one image, ``cols`` per row (default: about square)."""
-    from PIL import Image
-
-    if not images:
-        raise ValueError("image_grid needs at least one image")
-    n = len(images)
-    cols = cols or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w + (cols - 1) * pad, rows * h + (rows - 1) * pad), "white")
-    for i, im in enumerate(images):
-        grid.paste(im, ((i % cols) * (w + pad), (i // cols) * (h + pad)))
-    return grid
-
-
-def save_images(images: Sequence, out_dir: Union[str, Path]) -> list[Path]:
-    """Save images from :meth:`Pipeline.generate` as ``<prompt slug>_seed<seed>.png`` with the sampling
-    settings in the PNG's text chunks; returns the paths."""
-    from PIL.PngImagePlugin import PngInfo
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, im in enumerate(images):
-        prompt, seed = im.info.get("prompt", ""), im.info.get("seed", i)
-        meta = PngInfo()
-        for k, v in im.info.items():
-            if isinstance(v, (str, int, float)):
-                meta.add_text(str(k), str(v))
-        p = out_dir / image_filename(prompt, seed)
-        im.save(p, pnginfo=meta)
-        paths.append(p)
-    return paths
 
 
 # ----------------------------------------------------------------------------------------------------
