@@ -3,6 +3,7 @@
     python bench/model_step.py                       # depth 4, batch 8, 256 + 64 tokens, CPU, 1 thread
     python bench/model_step.py --threads 0 --profile # all cores (an idle machine), and where our time goes
     python bench/model_step.py --depth 6 --steps 10
+    python bench/model_step.py --device cuda --depth 19 --batch 32 --text_tokens 256   # bf16 on a GPU
 
 One step = zero_grad, forward, MSE loss, backward, AdamW step, on fixed random inputs. The models are built
 to the same width (64 x depth), depth, heads (depth, head_dim 64), patch 2, 16 latent channels, 32x32 latent
@@ -77,24 +78,34 @@ def perturb_(model: torch.nn.Module, seed: int) -> None:
             p.add_(0.02 * torch.randn(p.shape, generator=g))
 
 
-class Runner:
-    """One model with its optimizer and a closure that does one full training step."""
+def sync(device: torch.device) -> float:
+    """Wall time after the device has finished its queued work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
-    def __init__(self, name: str, model: torch.nn.Module, forward, lr: float = 1e-4):
-        self.name, self.model, self.forward = name, model.train(), forward
-        self.opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+
+class Runner:
+    """One model with its optimizer and a closure that does one full training step (bf16 autocast on request)."""
+
+    def __init__(self, name: str, model: torch.nn.Module, forward, dtype: torch.dtype, lr: float = 1e-4):
+        self.name, self.model, self.forward, self.dtype = name, model.train(), forward, dtype
+        self.device = next(model.parameters()).device
+        fused = True if self.device.type == "cuda" else None
+        self.opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=fused)
         self.times: list[float] = []  # whole step
         self.parts: list[tuple[float, float, float]] = []  # forward, backward, optimizer
 
     def step(self, target: torch.Tensor) -> float:
-        t0 = time.perf_counter()
+        t0 = sync(self.device)
         self.opt.zero_grad(set_to_none=True)
-        loss = F.mse_loss(self.forward(), target)
-        t1 = time.perf_counter()
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            loss = F.mse_loss(self.forward().float(), target)
+        t1 = sync(self.device)
         loss.backward()
-        t2 = time.perf_counter()
+        t2 = sync(self.device)
         self.opt.step()
-        t3 = time.perf_counter()
+        t3 = sync(self.device)
         self.last_parts = (t1 - t0, t2 - t1, t3 - t2)
         return t3 - t0
 
@@ -111,18 +122,19 @@ class Runner:
 
 
 class MatmulPeak:
-    """Best FLOP/s of torch.mm [m, k] x [k, n] (fp32), sampled a few calls at a time between the steps."""
+    """Best FLOP/s of torch.mm [m, k] x [k, n] in the step's compute dtype, sampled between the steps."""
 
-    def __init__(self, m: int, k: int, n: int):
-        self.a, self.b, self.out = torch.randn(m, k), torch.randn(k, n), torch.empty(m, n)
-        self.flops, self.best, self.calls = 2.0 * m * k * n, float("inf"), 0
+    def __init__(self, m: int, k: int, n: int, device: torch.device, dtype: torch.dtype):
+        make = dict(device=device, dtype=dtype)
+        self.a, self.b, self.out = torch.randn(m, k, **make), torch.randn(k, n, **make), torch.empty(m, n, **make)
+        self.device, self.flops, self.best, self.calls = device, 2.0 * m * k * n, float("inf"), 0
         torch.mm(self.a, self.b, out=self.out)  # warm-up
 
     def sample(self, reps: int = 4) -> None:
         for _ in range(reps):
-            t0 = time.perf_counter()
+            t0 = sync(self.device)
             torch.mm(self.a, self.b, out=self.out)
-            self.best = min(self.best, time.perf_counter() - t0)
+            self.best = min(self.best, sync(self.device) - t0)
         self.calls += reps
 
     @property
@@ -162,6 +174,9 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--no_swiglu", action="store_true", help="skip our SwiGLU variant (shorter run)")
     p.add_argument("--profile", action="store_true", help="also print where our (gelu) step spends its time")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="compute dtype (default: fp32 on CPU, "
+                   "bf16 autocast on CUDA); weights and AdamW state stay fp32")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: on a shared box two OpenMP threads stall on each other's "
                         "barriers and the timings become noise; 0 = torch's default, all cores)")
@@ -169,14 +184,16 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     b, hidden, lat = args.batch, 64 * args.depth, args.latent
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(b, 16, lat, lat, generator=g)
-    target = torch.randn(b, 16, lat, lat, generator=g)
-    t = torch.rand(b, generator=g)
-    text = torch.randn(b, args.text_tokens, args.text_dim, generator=g)
-    pooled = torch.randn(b, args.pooled_dim, generator=g)
-    cond = TextCondition([text], [torch.ones(b, args.text_tokens, dtype=torch.bool)], pooled)
+    x = torch.randn(b, 16, lat, lat, generator=g).to(device)
+    target = torch.randn(b, 16, lat, lat, generator=g).to(device)
+    t = torch.rand(b, generator=g).to(device)
+    text = torch.randn(b, args.text_tokens, args.text_dim, generator=g).to(device)
+    pooled = torch.randn(b, args.pooled_dim, generator=g).to(device)
+    cond = TextCondition([text], [torch.ones(b, args.text_tokens, dtype=torch.bool, device=device)], pooled)
 
     runners = []
     cfgs = {}
@@ -185,18 +202,20 @@ def main(argv=None) -> None:
         torch.manual_seed(0)
         ours = MMDiT(cfgs[mlp])
         perturb_(ours, 1)
-        runners.append(Runner(f"ours-{mlp}", ours, lambda m=ours: m(x, t, cond)))
+        ours.to(device)
+        runners.append(Runner(f"ours-{mlp}", ours, lambda m=ours: m(x, t, cond), dtype))
         if mlp == "gelu":
             torch.manual_seed(0)
             theirs = diffusers_model(args)
             perturb_(theirs, 2)
+            theirs.to(device)
             runners.append(Runner("diffusers", theirs, lambda m=theirs: m(
                 hidden_states=x, encoder_hidden_states=text, pooled_projections=pooled, timestep=t * 1000,
-                return_dict=False)[0]))
+                return_dict=False)[0], dtype))
 
     image_tokens = (lat // 2) ** 2
     # the floor's matmul: our MLP's up-projection over all tokens of the batch
-    peak = MatmulPeak((image_tokens + args.text_tokens) * b, hidden, 4 * hidden)
+    peak = MatmulPeak((image_tokens + args.text_tokens) * b, hidden, 4 * hidden, device, dtype)
     for i in range(args.warmup + args.steps):
         for r in runners:
             dt = r.step(target)
@@ -205,7 +224,8 @@ def main(argv=None) -> None:
         peak.sample()  # under the same load as the steps around it
 
     med = {r.name: statistics.median(r.times) for r in runners}
-    print(f"MMDiT train step (fwd + bwd + AdamW), CPU fp32, threads={torch.get_num_threads()}: depth={args.depth} "
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU threads={torch.get_num_threads()}"
+    print(f"MMDiT train step (fwd + bwd + AdamW), {where}, {str(dtype)[6:]}: depth={args.depth} "
           f"hidden={hidden} heads={args.depth} head_dim=64 patch=2 latent=16x{lat}x{lat} "
           f"tokens={image_tokens}+{args.text_tokens} batch={b} text_dim={args.text_dim} pooled={args.pooled_dim}")
     print(f"{'model':<12} {'params':>10} {'median s':>9} {'min s':>7} {'max s':>7} {'img/s':>7}   "
@@ -221,7 +241,7 @@ def main(argv=None) -> None:
     # the floor: what fraction of this CPU's matmul rate our step reaches by the FLOP model
     m, k, n = (image_tokens + args.text_tokens) * b, hidden, 4 * hidden
     print(f"matmul peak: torch.mm [{m}, {k}] x [{k}, {n}] = {peak.flops_per_s / 1e9:.1f} GFLOP/s "
-          f"(best of {peak.calls}, sampled between the steps)")
+          f"{str(dtype)[6:]} (best of {peak.calls}, sampled between the steps)")
     for mlp, cfg in cfgs.items():
         flops = train_flops_per_image(cfg, lat * 8, lat * 8, text_tokens=args.text_tokens) * b
         achieved = flops / med[f"ours-{mlp}"]

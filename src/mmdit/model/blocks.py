@@ -18,6 +18,14 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return torch.addcmul(shift[:, None], x, 1 + scale[:, None])
 
 
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm with the weight cast to the input's dtype: under bf16 autocast the fp32 weight would otherwise
+    keep CUDA off its fused kernel (PyTorch warns "Mismatch dtype between input and weight")."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
+
+
 class SwiGLU(nn.Module):
     """W2(SiLU(W1 x) * W3 x), hidden width mlp_ratio x dim (three matrices: one more than GELU)."""
 
@@ -53,8 +61,8 @@ class StreamLayers(nn.Module):
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.qkv = nn.Linear(dim, 3 * dim)
         head_dim = dim // heads
-        self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.q_norm = RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.adaLN = nn.Linear(dim, (2 if pre_only else 6) * dim)
         if not pre_only:
             self.proj = nn.Linear(dim, dim)
