@@ -25,10 +25,12 @@ def main(argv=None) -> None:
                         help="fraction of rows whose image bytes are garbage (to test the pipeline)")
     parser.add_argument("--min_side", type=int, default=64, help="smallest long side of an image, pixels")
     parser.add_argument("--max_side", type=int, default=160, help="largest long side of an image, pixels")
+    parser.add_argument("--max_aspect", type=float, default=2.0,
+                        help="aspect ratios run from 1:max_aspect to max_aspect:1 (1 = square images)")
     args = parser.parse_args(argv)
     paths = make_demo_dataset(
         args.output_dir, args.num_rows, args.rows_per_shard, args.seed, parse_holdout(args.holdout),
-        args.corrupt_fraction, args.min_side, args.max_side,
+        args.corrupt_fraction, args.min_side, args.max_side, max_aspect=args.max_aspect,
     )
     print(f"wrote {args.num_rows} rows in {len(paths)} shards to {args.output_dir}")
 

@@ -37,11 +37,12 @@ DEMO_SCHEMA = pa.schema(
 )
 
 
-def demo_row(row_id: int, seed: int, holdout, corrupt_fraction: float, min_side: int, max_side: int) -> dict:
+def demo_row(row_id: int, seed: int, holdout, corrupt_fraction: float, min_side: int, max_side: int,
+             max_aspect: float = 2.0) -> dict:
     """One row of the dataset, a pure function of ``(seed, row_id)`` and the options."""
     rng = np.random.default_rng([seed, row_id])
     spec = shapes.random_spec(rng, holdout)
-    width, height = shapes.random_image_size(rng, min_side, max_side)
+    width, height = shapes.random_image_size(rng, min_side, max_side, max_aspect)
     image = shapes.draw_shape(spec, width, height, rng)
     if rng.random() < corrupt_fraction:
         data = b"not an image " + rng.bytes(64)
@@ -71,6 +72,7 @@ def make_demo_dataset(
     min_side: int = 64,
     max_side: int = 160,
     row_group_size: int = 64,
+    max_aspect: float = 2.0,
 ) -> list[Path]:
     """Write ``num_rows`` rows as ``shard_00000.parquet``... under ``out_dir``; return the shard paths.
 
@@ -89,7 +91,7 @@ def make_demo_dataset(
     paths = []
     for shard, start in enumerate(range(0, num_rows, rows_per_shard)):
         rows = [
-            demo_row(i, seed, holdout, corrupt_fraction, min_side, max_side)
+            demo_row(i, seed, holdout, corrupt_fraction, min_side, max_side, max_aspect)
             for i in range(start, min(start + rows_per_shard, num_rows))
         ]
         table = pa.Table.from_pylist(rows, schema=DEMO_SCHEMA)
@@ -106,6 +108,8 @@ def make_demo_dataset(
         "corrupt_fraction": corrupt_fraction,
         "min_side": min_side,
         "max_side": max_side,
+        "max_aspect": max_aspect,
+        "size_fraction": dict(shapes.SIZE_FRACTION),
     }
     (out / "demo_dataset.json").write_text(json.dumps(info, indent=2) + "\n")
     return paths

@@ -35,8 +35,9 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 POSITIONS: tuple[str, ...] = ("left", "right", "top", "bottom", "center")
 SIZES: tuple[str, ...] = ("small", "large")
 
-# Shape side (or diameter) as a fraction of the image's shorter side.
-SIZE_FRACTION: dict[str, float] = {"small": 0.24, "large": 0.40}
+# Shape side (or diameter) as a fraction of the image's shorter side. Large enough that at the demo's 32 px a
+# large shape is 16 px across: a 4x4-patch model tells circle, square and triangle apart from outlines that size.
+SIZE_FRACTION: dict[str, float] = {"small": 0.30, "large": 0.50}
 # Anchor of the shape's centre, as a fraction of (width, height).
 POSITION_ANCHOR: dict[str, tuple[float, float]] = {
     "left": (0.25, 0.5),
@@ -169,10 +170,13 @@ def draw_shape(spec: ShapeSpec, width: int, height: int, rng: np.random.Generato
 
 
 def random_image_size(
-    rng: np.random.Generator, min_side: int = 64, max_side: int = 160
+    rng: np.random.Generator, min_side: int = 64, max_side: int = 160, max_aspect: float = 2.0
 ) -> tuple[int, int]:
-    """A (width, height) with a random long side in [min_side, max_side] and an aspect ratio from 1:2 to 2:1."""
-    aspect = math.exp(rng.uniform(math.log(0.5), math.log(2.0)))  # width / height
+    """A (width, height) with a random long side in [min_side, max_side] and an aspect ratio (width / height)
+    log-uniform from 1 : max_aspect to max_aspect : 1."""
+    if max_aspect < 1:
+        raise ValueError(f"max_aspect={max_aspect} must be >= 1 (1 = square images only)")
+    aspect = math.exp(rng.uniform(-math.log(max_aspect), math.log(max_aspect)))  # width / height
     long_side = int(rng.integers(min_side, max_side + 1))
     if aspect >= 1:
         width, height = long_side, max(8, int(round(long_side / aspect)))
