@@ -24,3 +24,23 @@ def test_quick_demo_writes_images_gif_loss_and_scores(tmp_path):
     scores = json.loads((images / "demo_scores.json").read_text())
     assert scores["seen"]["n"] > 0 and 0.0 <= scores["seen"]["colour"] <= 1.0
     assert "colour" in result.stdout and "held_out" in result.stdout
+
+
+def test_demo_images_are_near_square_and_share_the_32px_bucket():
+    """The demo recipe relies on every image landing in the 32x32 bucket, where a large shape is 16 px across."""
+    import numpy as np
+    import pytest
+
+    from mmdit.data.buckets import bucket_size
+    from mmdit.data.shapes import random_image_size
+    from mmdit.demo import FULL
+
+    rng = np.random.default_rng(0)
+    sizes = [random_image_size(rng, 64, 160, FULL["max_aspect"]) for _ in range(2000)]
+    ratios = [w / h for w, h in sizes]
+    assert 1 / 1.25 - 0.02 <= min(ratios) < 0.85 and 1.18 < max(ratios) <= 1.25 + 0.02
+    assert {bucket_size(w, h, step=16, max_resolution=32) for w, h in sizes} == {(32, 32)}
+    wide = [random_image_size(rng, 64, 160) for _ in range(2000)]  # the general default: 1:2 to 2:1
+    assert min(w / h for w, h in wide) < 0.55 and max(w / h for w, h in wide) > 1.8
+    with pytest.raises(ValueError, match="max_aspect"):
+        random_image_size(rng, 64, 160, 0.5)

@@ -2,7 +2,7 @@
 + 1 model rank, pixel space, the offline MiniLM text encoder) -> EMA samples, a denoising gif, the loss curve,
 and a score of colour / shape / position on seen and held-out colour x shape combinations.
 
-    python -m mmdit demo            # the full recipe (~11 minutes on 2 CPU cores)
+    python -m mmdit demo            # the full recipe (~12.5 minutes on 2 CPU cores)
     python -m mmdit demo --quick    # a one-minute smoke run of the same pipeline (CI)
 """
 
