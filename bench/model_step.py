@@ -173,6 +173,7 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=7, help="timed steps per model (median is reported)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--no_swiglu", action="store_true", help="skip our SwiGLU variant (shorter run)")
+    p.add_argument("--compile", action="store_true", help="torch.compile every model (ours and diffusers alike)")
     p.add_argument("--profile", action="store_true", help="also print where our (gelu) step spends its time")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="compute dtype (default: fp32 on CPU, "
@@ -203,13 +204,15 @@ def main(argv=None) -> None:
         ours = MMDiT(cfgs[mlp])
         perturb_(ours, 1)
         ours.to(device)
-        runners.append(Runner(f"ours-{mlp}", ours, lambda m=ours: m(x, t, cond), dtype))
+        run_ours = torch.compile(ours) if args.compile else ours
+        runners.append(Runner(f"ours-{mlp}", ours, lambda m=run_ours: m(x, t, cond), dtype))
         if mlp == "gelu":
             torch.manual_seed(0)
             theirs = diffusers_model(args)
             perturb_(theirs, 2)
             theirs.to(device)
-            runners.append(Runner("diffusers", theirs, lambda m=theirs: m(
+            run_theirs = torch.compile(theirs) if args.compile else theirs
+            runners.append(Runner("diffusers", theirs, lambda m=run_theirs: m(
                 hidden_states=x, encoder_hidden_states=text, pooled_projections=pooled, timestep=t * 1000,
                 return_dict=False)[0], dtype))
 
@@ -225,6 +228,7 @@ def main(argv=None) -> None:
 
     med = {r.name: statistics.median(r.times) for r in runners}
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU threads={torch.get_num_threads()}"
+    where += ", torch.compile" if args.compile else ""
     print(f"MMDiT train step (fwd + bwd + AdamW), {where}, {str(dtype)[6:]}: depth={args.depth} "
           f"hidden={hidden} heads={args.depth} head_dim=64 patch=2 latent=16x{lat}x{lat} "
           f"tokens={image_tokens}+{args.text_tokens} batch={b} text_dim={args.text_dim} pooled={args.pooled_dim}")

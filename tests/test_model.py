@@ -89,6 +89,41 @@ def test_rope_score_depends_only_on_offset(fn):
             assert math.isclose(score(start, (start[0] + offset[0], start[1] + offset[1])), ref, rel_tol=1e-5)
 
 
+def test_rotary_by_angles_equals_rotary_by_complex_rotors():
+    """The cos / sin form (used under torch.compile) and the complex multiply (eager) rotate identically."""
+    from mmdit.model.positions import rope_rotors
+
+    angles = rope_angles_2d(4, 5, 16)[:, None]  # [N, 1, D/2] against token-major [B, N, H, D]
+    x = torch.randn(3, 20, 2, 16, generator=torch.Generator().manual_seed(0))
+    by_angles, by_rotors = apply_rotary(x, angles), apply_rotary(x, rope_rotors(angles))
+    assert by_angles.dtype == by_rotors.dtype == torch.float32
+    torch.testing.assert_close(by_angles, by_rotors, rtol=1e-5, atol=1e-6)
+    half = apply_rotary(x.bfloat16(), angles)
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), by_rotors, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("valid", [(5, 7), (3, 7)], ids=["no padding", "padding"])
+def test_model_compiles_in_one_graph_and_matches_eager(valid):
+    """torch.compile sees no graph break (no host syncs, no complex arithmetic) and computes the same thing.
+
+    The aot_eager backend traces forward and backward like inductor does but runs them with eager kernels,
+    so this needs no C++ compiler; the speed of the compiled model is measured on GPUs (BENCHMARKS.md).
+    """
+    torch._dynamo.reset()
+    model = MMDiT(small_config())
+    randomize_(model, 1)
+    x, t = torch.randn(2, 16, 8, 12), torch.rand(2)
+    cond = make_condition(2, valid=valid)
+    explained = torch._dynamo.explain(model)(x, t, cond)
+    assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    out = compiled(x, t, cond)
+    torch.testing.assert_close(out, model(x, t, cond), rtol=1e-4, atol=1e-5)
+    out.square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
 def test_rope2d_rows_and_columns_use_separate_halves():
     angles = rope_angles_2d(4, 5, 16)
     same_row = angles[[0, 1]]  # (0,0) and (0,1): only the column half differs

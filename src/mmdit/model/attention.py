@@ -30,8 +30,9 @@ def naive_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor])
 
 
 def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor]) -> Tensor:
-    """PyTorch's fused attention. With no padding the mask is dropped so flash kernels stay eligible."""
-    if key_mask is not None and bool(key_mask.all()):
+    """PyTorch's fused attention. With no padding the mask is dropped so flash kernels stay eligible (in eager
+    mode: under torch.compile that check would break the graph, so the mask is kept)."""
+    if key_mask is not None and not torch.compiler.is_compiling() and bool(key_mask.all()):
         key_mask = None
     mask = None if key_mask is None else key_mask[:, None, None, :]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

@@ -95,9 +95,11 @@ class MMDiT(nn.Module):
             img = img + pos.to(img.dtype)
         txt, key_mask, y = self.condition(t, cond)
         key_mask = torch.cat([key_mask, torch.ones(b, img.shape[1], dtype=torch.bool, device=x.device)], dim=1)
-        if bool(key_mask.all()):  # no padding: one host sync here instead of one per block, and mask-free kernels
+        compiling = torch.compiler.is_compiling()
+        if not compiling and bool(key_mask.all()):  # no padding: one host sync, not one per block; mask-free kernels
             key_mask = None
-        rope = self.rope_rotors(grid_h, grid_w, x.device)
+        # under torch.compile: real angles (cos / sin, fused by the compiler) and no data-dependent branch above
+        rope = (self.rope_angles if compiling else self.rope_rotors)(grid_h, grid_w, x.device)
         for block in self.blocks:
             img, txt = block(img, txt, y, key_mask, rope)
         return unpatchify(self.final(img, y), p, c, h, w)

@@ -51,12 +51,18 @@ def apply_rotary(x: Tensor, angles: Tensor) -> Tensor:
 
     The angles broadcast against x's pairs [..., D/2]: for token-major x [B, N, H, D] pass [N, 1, D/2].
 
-    ``angles`` are real angles, or the complex rotors of :func:`rope_rotors` (what the model passes, built
-    once per grid). Each pair is one complex number, so the rotation is a single complex multiply forward and
-    backward. float32/float64 inputs rotate in their own precision; half-precision ones in float32.
+    ``angles`` are the complex rotors of :func:`rope_rotors` (what the model passes in eager mode, built once
+    per grid): each pair is one complex number, so the rotation is a single complex multiply forward and
+    backward. Or they are real angles (what the model passes under ``torch.compile``, which does not fuse
+    complex arithmetic): then pairs rotate by cos / sin, which the compiler fuses into one kernel. Both give
+    the same result. float32/float64 inputs rotate in their own precision; half-precision ones in float32.
     """
-    rotors = angles if angles.is_complex() else torch.polar(torch.ones_like(angles), angles)
     work = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    if not angles.is_complex():
+        cos, sin = angles.cos().to(work.dtype), angles.sin().to(work.dtype)
+        even, odd = work.unflatten(-1, (-1, 2)).unbind(-1)
+        return torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2).to(x.dtype)
+    rotors = angles
     if work.stride(-1) != 1 or work.storage_offset() % 2 or any(s % 2 for s in work.stride()[:-1]):
         work = work.contiguous()  # view_as_complex needs (real, imag) adjacent and complex-aligned strides
     pairs = torch.view_as_complex(work.unflatten(-1, (-1, 2)))
