@@ -22,14 +22,13 @@ from mmdit.train import checkpoint as ckpt
 from mmdit.train.checkpoint import (
     CheckpointError,
     MissingCheckpointFile,
-    capture_rng_state,
     latest_checkpoint,
     load_checkpoint,
     load_weights,
     resolve_resume,
-    restore_rng_state,
     save_checkpoint,
 )
+from mmdit.train.rng_state import capture_rng_state, restore_rng_state
 
 REPO = Path(__file__).resolve().parents[1]
 

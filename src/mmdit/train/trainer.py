@@ -26,6 +26,7 @@ from . import checkpoint as ckpt
 from .batches import BatchProducer, agree_start_step, build_schedule, local_source, remote_source, run_loader
 from .metrics import LossByT, MetricsLogger
 from .optim import EMA, make_optimizer, make_scheduler
+from .rng_state import capture_rng_state, restore_rng_state
 from .runtime import Runtime, agree_stop, all_finite
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ class Trainer:
             self.wandb_id = ts.get("wandb_id")
             rng = ts.get("rng", [])
             if self.model_index < len(rng):
-                ckpt.restore_rng_state(rng[self.model_index])
+                restore_rng_state(rng[self.model_index])
             if self.rt.is_main:
                 log.info("resumed from %s at step %d", path, self.step)
         elif self.cfg.train.init_from:
@@ -132,7 +133,7 @@ class Trainer:
                 log.info("initialised weights from %s (EMA weights)", source)
 
     def save(self) -> None:
-        rng = [ckpt.capture_rng_state()]
+        rng = [capture_rng_state()]
         if self.rt.distributed and self.rt.num_model_ranks > 1:
             gathered = [None] * self.rt.num_model_ranks
             torch.distributed.all_gather_object(gathered, rng[0], group=self.rt.model_group)
