@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conditions import random_condition
 
 from mmdit.conditioning import TextCondition
 from mmdit.config import FlowConfig, TextEncoderConfig
@@ -196,13 +197,6 @@ def test_loss_weighting():
 # CFG dropout
 
 
-def make_cond(batch: int = 6, seed: int = 0) -> TextCondition:
-    g = gen(seed)
-    tokens = [torch.randn(batch, 5, 8, generator=g), torch.randn(batch, 3, 4, generator=g)]
-    masks = [torch.rand(batch, 5, generator=g) > 0.3, torch.rand(batch, 3, generator=g) > 0.3]
-    for m in masks:
-        m[:, 0] = True
-    return TextCondition(tokens, masks, pooled=torch.randn(batch, 7, generator=g))
 
 
 def assert_cond_equal(a: TextCondition, b: TextCondition) -> None:
@@ -233,12 +227,12 @@ def test_cfg_dropout_rates():
 
 
 def test_cfg_dropout_all_dropped_is_dropped_condition():
-    cond = make_cond()
+    cond = random_condition(6)
     assert_cond_equal(drop_condition(cond, 1.0), cond.dropped())
     assert_cond_equal(drop_condition(cond, 0.0, [1.0, 1.0, 1.0]), cond.dropped())
     assert_cond_equal(drop_condition(cond, 0.0), cond)
     # mixed: all-dropped rows equal the unconditional rows, untouched rows the original ones
-    cond = make_cond(batch=64, seed=1)
+    cond = random_condition(64, seed=1)
     keep = cfg_dropout_keep(64, 3, 0.3, [0.2, 0.2, 0.2], gen(11))
     dropped, out, unc = ~keep.any(1), cond.keep(keep), cond.dropped()
     kept = keep.all(1)

@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+from conditions import random_condition
 
 from mmdit.conditioning import TextCondition
 from mmdit.config import SampleConfig
@@ -151,13 +152,6 @@ def test_seed_reproduces_and_callback(sampler):
 # classifier-free guidance
 
 
-def make_cond(batch: int = 4, seed: int = 0) -> TextCondition:
-    g = gen(seed)
-    tokens = [torch.randn(batch, 5, 8, generator=g), torch.randn(batch, 3, 4, generator=g)]
-    masks = [torch.rand(batch, 5, generator=g) > 0.3, torch.rand(batch, 3, generator=g) > 0.3]
-    for m in masks:
-        m[:, 0] = True
-    return TextCondition(tokens, masks, pooled=torch.randn(batch, 7, generator=g))
 
 
 def cond_velocity(x, t, cond: TextCondition):
@@ -194,7 +188,7 @@ def manual_guided_euler(noise, cond, scale, steps):
 
 
 def test_cfg_one_batched_call_with_dropped_condition():
-    cond, noise = make_cond(), sample_noise((4, 6), gen(7))
+    cond, noise = random_condition(4), sample_noise((4, 6), gen(7))
     rec = Recorder()
     out = sample(rec, noise, cond, sampler="euler", num_steps=5, cfg_scale=4.0)
     assert rec.batches == [8] * 5  # cond and uncond halves in one call per step
@@ -205,7 +199,7 @@ def test_cfg_one_batched_call_with_dropped_condition():
 
 
 def test_cfg_scale_one_is_conditional_prediction():
-    cond, noise = make_cond(), sample_noise((4, 6), gen(8))
+    cond, noise = random_condition(4), sample_noise((4, 6), gen(8))
     rec = Recorder()
     out = sample(rec, noise, cond, sampler="heun", num_steps=5, cfg_scale=1.0)
     assert rec.batches == [4] * num_evaluations("heun", 5)
@@ -221,7 +215,7 @@ def test_cfg_scale_one_is_conditional_prediction():
 
 
 def test_sample_with_config_and_errors():
-    cond, noise = make_cond(), sample_noise((4, 6), gen(9))
+    cond, noise = random_condition(4), sample_noise((4, 6), gen(9))
     cfg = SampleConfig(sampler="euler_stochastic", num_steps=4, cfg_scale=3.0, shift=2.0, noise_scale=0.5)
     a = sample_with_config(cond_velocity, noise, cond, cfg, generator=gen(10))
     b = sample(
