@@ -35,11 +35,15 @@ def main() -> None:
 
     try:
         code = run(cfg)
+    except ConfigError as err:  # e.g. a resume whose data layout differs: one message, no traceback
+        print(f"[rank {rank}] config error: {err}", file=sys.stderr, flush=True)
+        logging.shutdown()
+        os._exit(2)
     except BaseException:  # noqa: BLE001 - any failure must end this rank now, loudly
         print(f"[rank {rank}] training failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
         logging.shutdown()
         os._exit(1)
-    sys.stdout.flush()
+    print(f"[rank {rank}] exiting with code {code}", flush=True)
     sys.stderr.flush()
     os._exit(code)
 

@@ -114,3 +114,65 @@ def test_works_from_a_bucket_index():
                                                                              (32, 16): [1, 4]}
     summary = schedule.summary()
     assert summary["steps_per_epoch"] == 3 and summary["buckets"]["16x16"]["batches_per_epoch"] == 2
+
+
+# --- segments: the order across a data-layout change (mmdit.data.segments) ---------------------------
+
+def _layout(**kw):
+    base = dict(model_ranks=2, batch_size=3, token_budget=0, max_batch_size=0, small_buckets="drop", data_seed=1,
+                patch_pixels=16)
+    return {**base, **kw}
+
+
+def test_one_segment_is_the_plain_schedule():
+    from mmdit.data.segments import SegmentedSchedule
+
+    plain = BucketSchedule(_buckets(), num_model_ranks=2, batch_size=3, seed=1)
+    seg = SegmentedSchedule(_buckets(), [{"start": 0, "layout": _layout()}])
+    assert all(_same(seg.batch_at(s), plain.batch_at(s)) for s in range(60))
+
+
+@pytest.mark.parametrize("cursor", [0, 1, 11, 25, 26, 30])
+@pytest.mark.parametrize("new", [dict(model_ranks=3), dict(model_ranks=1, batch_size=5), dict(data_seed=9)])
+def test_layout_change_continues_the_epoch_without_repeats_or_skips(cursor, new):
+    from mmdit.data.segments import SegmentedSchedule
+
+    old, changed = _layout(), _layout(**new)
+    seg = SegmentedSchedule(_buckets(), [{"start": 0, "layout": old}, {"start": cursor, "layout": changed}])
+    plain = BucketSchedule(_buckets(), num_model_ranks=2, batch_size=3, seed=1)
+    assert all(_same(seg.batch_at(s), plain.batch_at(s)) for s in range(cursor))  # the past is unchanged
+    epoch = plain.epoch_at(cursor)
+    epoch_start = epoch * plain.steps_per_epoch
+    before = [plain.batch_at(s) for s in range(epoch_start, cursor)]
+    new_global = changed["batch_size"] * changed["model_ranks"]
+    after, s = [], cursor
+    while seg.batch_at(s).epoch == epoch:
+        after.append(seg.batch_at(s))
+        s += 1
+    for b in after:  # the new layout's batch, one bucket per step
+        assert len(b.per_rank_ids) == changed["model_ranks"] and b.batch_size == changed["batch_size"]
+        assert set(b.sample_ids) <= set(_buckets()[(b.height, b.width)].tolist())
+    trained = [i for b in before + after for i in b.sample_ids.tolist()]
+    assert len(trained) == len(set(trained))  # no row twice in the epoch
+    for bucket, ids in _buckets().items():
+        if bucket in plain.dropped:
+            continue
+        missed = set(ids.tolist()) - set(trained)
+        assert len(missed) < new_global, (bucket, len(missed))  # only a remainder waits for the next epoch
+    nxt = seg.batch_at(s)  # then the new layout's own epochs
+    assert nxt.epoch == epoch + 1 and nxt.batch_size == changed["batch_size"]
+
+
+def test_two_layout_changes_in_one_epoch_and_rebuilding_gives_the_same_order():
+    from mmdit.data.segments import SegmentedSchedule
+
+    segments = [{"start": 0, "layout": _layout()}, {"start": 5, "layout": _layout(model_ranks=3)},
+                {"start": 8, "layout": _layout(model_ranks=1, batch_size=2)}]
+    seg = SegmentedSchedule(_buckets(), segments)
+    again = SegmentedSchedule(_buckets(), segments)  # a later resume rebuilds the same chain
+    assert all(_same(seg.batch_at(s), again.batch_at(s)) for s in range(80))
+    trained, s = [], 0
+    while seg.batch_at(s).epoch == 0:
+        trained += seg.batch_at(s).sample_ids.tolist()
+        s += 1
+    assert len(trained) == len(set(trained)) and len(trained) > 0.9 * (100 + 37 + 24)

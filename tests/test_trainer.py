@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from mmdit.config import ConfigError, TopologyConfig, TrainConfig, load_config
 from mmdit.train.checkpoint import latest_checkpoint
 from mmdit.train.optim import EMA, lr_factor, param_groups
+from mmdit.train.resume import plan_resume
 from mmdit.train.runtime import Runtime
 from mmdit.train.topology import build_topology
 from mmdit.train.trainer import NonFiniteError, Trainer
@@ -88,7 +89,7 @@ def single_rank(cfg) -> Runtime:
 
 def test_nonfinite_steps_are_skipped_then_halt(tmp_path):
     cfg = load_config("tiny_latent", [f"train.save_dir={tmp_path}", "train.max_nonfinite_in_row=3"])
-    trainer = Trainer(cfg, single_rank(cfg))
+    trainer = Trainer(cfg, single_rank(cfg), plan_resume(cfg, tmp_path / "tiny_latent", 1))
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     for i in range(2):
         for p in trainer.model.parameters():

@@ -234,6 +234,9 @@ class TrainConfig:
     save_every: int = 1000
     keep_last: int = 3
     resume: str = "auto"  # auto | none | path to a step_<N> folder
+    # resume although the data layout (model ranks, batch, token budget, accumulation, data seed) changed:
+    # continue from the recorded sample cursor with the new layout (mmdit.train.resume)
+    allow_layout_change: bool = False
     init_from: str = ""  # weights only (next resolution stage)
     reset_optimizer: bool = True
     reset_wandb: bool = True

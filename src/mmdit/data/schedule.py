@@ -173,6 +173,30 @@ class BucketSchedule:
             "dropped": {f"{h}x{w}": n for (h, w), n in self.dropped.items()},
         }
 
+    def per_rank_batch(self, height: int, width: int) -> int | None:
+        """Per-model-rank batch of bucket ``height x width``, or None if this schedule dropped it."""
+        for bucket in self.buckets:
+            if (bucket.height, bucket.width) == (height, width):
+                return bucket.per_rank_batch
+        return None
+
+    def remaining_in_epoch(self, step: int) -> tuple[int, dict[tuple[int, int], np.ndarray]]:
+        """The epoch of ``step`` and, per bucket, its rows that the steps ``< step`` of that epoch did not
+        train on, in the epoch's order (the epoch's left-out remainder included): what a new data layout
+        continues with (:mod:`mmdit.data.segments`)."""
+        epoch, position = divmod(step, self.steps_per_epoch)
+        bucket_of_step, _ = self._epoch_order(epoch)
+        consumed = np.bincount(bucket_of_step[:position], minlength=len(self.buckets))
+        remaining = {}
+        for b, bucket in enumerate(self.buckets):
+            perm = self._permutation(epoch, b)
+            if bucket.small:
+                rest = perm if consumed[b] == 0 else perm[:0]
+            else:
+                rest = perm[int(consumed[b]) * bucket.per_rank_batch * self.num_model_ranks:]
+            remaining[(bucket.height, bucket.width)] = rest.copy()
+        return epoch, remaining
+
     # --- cached per-epoch pieces -------------------------------------------------------------------
 
     def _epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:

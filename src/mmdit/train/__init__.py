@@ -1,4 +1,4 @@
-"""Distributed training: topology, loader -> model transport, the trainer loop, checkpoints."""
+"""Distributed training: topology, loader -> model transport, the trainer loop, stopping, checkpoints."""
 
 from __future__ import annotations
 
@@ -12,19 +12,17 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: Config) -> int:
-    """Run this process's part of a training job and return its exit code (0 = done or stopped cleanly)."""
+    """Run this process's part of a training job and return its exit code (0 = done or stopped cleanly).
+
+    Every rank ends in one barrier over the whole world, after the final checkpoint is written: no rank
+    (and so no node's torchrun) exits while another still saves or needs the rendezvous store.
+    """
     from .runtime import init_runtime
     from .trainer import train
 
     rt = init_runtime(cfg)
-    try:
-        summary = train(cfg, rt)
-    except Exception:
-        if rt.is_loader and rt.stop_requested[0]:
-            log.info("loader rank %d: model ranks stopped; exiting", rt.rank)
-            return 0
-        raise
+    summary = train(cfg, rt)
     log.info("rank %d finished: %s", rt.rank, summary)
-    if rt.distributed and not rt.stop_requested[0]:
-        dist.barrier(group=rt.data_group)  # rank 0 hosts the store: nobody leaves while others still need it
+    if rt.distributed:
+        dist.barrier(group=rt.data_group)
     return 0

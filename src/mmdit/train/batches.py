@@ -14,35 +14,31 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from ..config import Config
 from ..data.indices import BucketIndex
 from ..data.rows import RowReader
-from ..data.schedule import BucketSchedule
+from ..data.segments import SegmentedSchedule
 from ..encoders import TextEncoders, make_codec
 from ..encoders.cache import CaptionCache
+from .stopping import EndListener, StopRequest
 from .topology import Topology
-from .transport import Batch, recv_batch, send_batch
+from .transport import Batch, recv_batch, send_batch, send_end
 
 log = logging.getLogger(__name__)
 MAX_REPLACEMENT_TRIES = 16
 
 
-def build_schedule(cfg: Config, num_model_ranks: int) -> tuple[BucketIndex, BucketSchedule]:
+def build_schedule(cfg: Config, segments: list[dict]) -> tuple[BucketIndex, SegmentedSchedule]:
+    """The index and the global sample order over the run's schedule segments (:mod:`mmdit.data.segments`)."""
     index = BucketIndex.load(cfg.data.bucket_indices_path, cfg.data.parquet_folder)
-    schedule = BucketSchedule(
-        index, num_model_ranks=num_model_ranks, batch_size=cfg.data.batch_size, token_budget=cfg.data.token_budget,
-        max_batch_size=cfg.data.max_batch_size, patch_pixels=cfg.model.pixel_step,
-        small_buckets=cfg.data.small_buckets, seed=cfg.data.seed,
-    )
-    return index, schedule
+    return index, SegmentedSchedule(index, segments)
 
 
 class BatchProducer:
     """Reads, decodes, tokenizes, text-encodes and VAE-encodes the micro-batch of (step, model index)."""
 
-    def __init__(self, cfg: Config, schedule: BucketSchedule, index: BucketIndex, device: torch.device):
+    def __init__(self, cfg: Config, schedule: SegmentedSchedule, index: BucketIndex, device: torch.device):
         self.cfg, self.schedule, self.index, self.device = cfg, schedule, index, device
         self._local = threading.local()  # a RowReader per worker thread (readers are not thread-safe)
         self.text = CaptionCache(TextEncoders.from_config(cfg.encoders, device).encode, cfg.encoders.caption_cache)
@@ -100,17 +96,22 @@ class BatchProducer:
 
 
 def run_loader(producer: BatchProducer, topology: Topology, rank: int, group, start: int, stop: int,
-               should_stop) -> dict:
-    """A loader rank's life: build and send every micro-batch of its model ranks, in step order."""
+               stop_request: StopRequest) -> dict:
+    """A loader rank's life: build and send every micro-batch of its model ranks, in step order, until the
+    model ranks name the micro-step to end at (the stop protocol of :mod:`mmdit.train.stopping`)."""
     models = topology.loader_to_model[rank]
+    listener = EndListener(models, group)
     order = [(step, m) for step in range(start, stop) for m in models]
     pending: dict[int, list] = {}
     futures = {}
     depth = 2 * len(models)
     busy = idle = 0.0
+    sent = 0
     for i, (step, m) in enumerate(order):
+        if listener.end is not None and step >= listener.end:
+            break
         for j in range(i, min(i + depth, len(order))):
-            if order[j] not in futures:
+            if order[j] not in futures and (listener.end is None or order[j][0] < listener.end):
                 futures[order[j]] = producer.prefetch(order[j][0], topology.model_index(order[j][1]))
         t0 = time.perf_counter()
         batch = producer.encode(step, futures.pop((step, m)).result())
@@ -118,33 +119,56 @@ def run_loader(producer: BatchProducer, topology: Topology, rank: int, group, st
         for work in pending.pop(m, []):
             work.wait()
         t2 = time.perf_counter()
-        pending[m] = send_batch(batch, m, group)
+        pending[m] = send_batch(batch, m, group, stop_requested=stop_request.requested)
+        sent += 1
         busy += t1 - t0
         idle += t2 - t1
-        if should_stop():
-            break
+    for future in futures.values():
+        future.cancel()
     for works in pending.values():
         for work in works:
             work.wait()
-    return {"corrupt": producer.corrupt_total, "encode_s": busy, "wait_for_model_s": idle}
+    last = order[sent - 1][0] + 1 if sent else start
+    for m in models:
+        send_end(last, m, group)
+    end = listener.wait()
+    return {"corrupt": producer.corrupt_total, "encode_s": busy, "wait_for_model_s": idle, "end_micro": end,
+            "sent": sent}
+
+
+_END = object()  # the stream is over (a loader's end message, or the local producer's last step)
 
 
 class BatchSource:
-    """A model rank's next batches, filled by a background thread; ``get`` measures the time spent waiting."""
+    """A model rank's next batches, filled by a background thread; ``get`` measures the time spent waiting.
 
-    def __init__(self, fill, start: int, stop: int, depth: int = 2):
+    ``fill(step)`` returns the batch of ``step``, or None at the end of a loader's stream. A streamed source
+    receives until its loader's end message (the loader decides where the stream ends, see
+    :mod:`mmdit.train.stopping`); a local one builds the steps ``start..stop-1``. :meth:`close` drains the
+    stream to its end and stops the thread.
+    """
+
+    def __init__(self, fill, start: int, stop: int, streamed: bool, depth: int = 2):
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._fill, self.start, self.stop = fill, start, stop
+        self._fill, self.start, self.stop, self.streamed = fill, start, stop, streamed
+        self._closing = threading.Event()
         self.wait_s = 0.0
         self._thread = threading.Thread(target=self._run, daemon=True, name="batch-source")
         self._thread.start()
 
     def _run(self) -> None:
         try:
-            for step in range(self.start, self.stop):
-                self._queue.put(self._fill(step))
+            step = self.start
+            while self.streamed or (step < self.stop and not self._closing.is_set()):
+                item = self._fill(step)
+                if item is None:
+                    break
+                self._queue.put(item)
+                step += 1
         except BaseException as err:  # handed to the training thread, which raises it
             self._queue.put(err)
+            return
+        self._queue.put(_END)
 
     def get(self, step: int) -> Batch:
         t0 = time.perf_counter()
@@ -152,25 +176,39 @@ class BatchSource:
         self.wait_s += time.perf_counter() - t0
         if isinstance(item, BaseException):
             raise RuntimeError(f"data for step {step} could not be produced: {item}") from item
+        if item is _END:
+            raise RuntimeError(f"the data stream ended before step {step}: loader out of step")
         if item.step != step:
             raise RuntimeError(f"expected the batch of step {step}, got step {item.step}: loader out of step")
         return item
 
+    def close(self) -> int:
+        """Drain the stream to its end and stop the thread; the number of batches dropped on the way."""
+        self._closing.set()
+        dropped = 0
+        while True:
+            item = self._queue.get()
+            if item is _END:
+                break
+            if isinstance(item, BaseException):
+                raise RuntimeError(f"the data stream failed while closing: {item}") from item
+            dropped += 1
+        self._thread.join()
+        return dropped
+
 
 def remote_source(loader: int, group, start: int, stop: int) -> BatchSource:
     """Batches streamed from a loader rank (the receive of step k+1 runs while step k computes)."""
-    return BatchSource(lambda step: recv_batch(loader, group), start, stop)
+
+    def receive(step: int) -> Batch | None:
+        try:
+            return recv_batch(loader, group)
+        except RuntimeError as err:
+            raise RuntimeError(f"lost the data stream from loader rank {loader} (did it die?): {err}") from err
+
+    return BatchSource(receive, start, stop, streamed=True)
 
 
 def local_source(producer: BatchProducer, model_index: int, start: int, stop: int) -> BatchSource:
     """No loader ranks: this model rank builds its own batches in the background."""
-    return BatchSource(lambda step: producer.make(step, model_index), start, stop)
-
-
-def agree_start_step(step: int, topology: Topology, group) -> int:
-    """Loader ranks learn the resume cursor from the first model rank."""
-    if group is None:
-        return step
-    t = torch.tensor([step], dtype=torch.int64)
-    dist.broadcast(t, src=topology.model_ranks[0], group=group)
-    return int(t)
+    return BatchSource(lambda step: producer.make(step, model_index), start, stop, streamed=False)

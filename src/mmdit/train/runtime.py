@@ -1,4 +1,4 @@
-"""Process-level set-up: ranks, device, process groups, and stop requests from SLURM or the user.
+"""Process-level set-up: ranks, device, process groups, and the stop request (:mod:`.stopping`).
 
 Groups are created on every rank in the same order: the world group (NCCL on CUDA, gloo on CPU), a gloo
 group over all ranks for the loader -> model data path, and the group of model ranks that DDP reduces over.
@@ -7,7 +7,6 @@ group over all ranks for the loader -> model data path, and the group of model r
 from __future__ import annotations
 
 import os
-import signal
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -15,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import Config
+from .stopping import StopRequest
 from .topology import Topology, build_topology
 
 
@@ -27,7 +27,7 @@ class Runtime:
     topology: Topology
     data_group: object = None  # gloo group over all ranks (None when single-process)
     model_group: object = None  # group of model ranks (None when single-process)
-    stop_requested: list = field(default_factory=lambda: [False])
+    stop: StopRequest = field(default_factory=StopRequest)
 
     @property
     def distributed(self) -> bool:
@@ -63,7 +63,7 @@ def init_runtime(cfg: Config) -> Runtime:
     topology = build_topology(cfg.topology, world, local_world)
     device = _pick_device(local_rank)
     rt = Runtime(rank, world, local_rank, device, topology)
-    _install_stop_handlers(rt)
+    rt.stop.install()
     if world == 1:
         return rt
     backend = cfg.topology.backend if cfg.topology.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
@@ -72,25 +72,6 @@ def init_runtime(cfg: Config) -> Runtime:
     rt.data_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
     rt.model_group = dist.new_group(list(topology.model_ranks), timeout=timeout)
     return rt
-
-
-def _install_stop_handlers(rt: Runtime) -> None:
-    """SIGTERM / SIGUSR1 (SLURM's warning before the time limit, or preemption) ask for a checkpoint and exit."""
-
-    def handler(signum, _frame):
-        rt.stop_requested[0] = True
-
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, handler)
-
-
-def agree_stop(rt: Runtime) -> bool:
-    """True on every model rank if any model rank was asked to stop (one tiny all-reduce)."""
-    if not rt.distributed or rt.num_model_ranks == 1:
-        return rt.stop_requested[0]
-    flag = torch.tensor([float(rt.stop_requested[0])], device=rt.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=rt.model_group)
-    return bool(flag.item())
 
 
 def all_finite(value: torch.Tensor, rt: Runtime) -> bool:

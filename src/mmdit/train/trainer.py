@@ -2,7 +2,8 @@
 
 One optimizer step = ``accumulation_steps`` micro-steps; the data cursor counts micro-steps, so a resume
 (with any number of loader ranks) continues with exactly the next samples of the global schedule. Noise,
-timesteps and CFG dropout are drawn from generators seeded by (seed, micro-step, model index).
+timesteps and CFG dropout are drawn from generators seeded by (seed, micro-step, model index). What to
+resume from is decided once (:mod:`.resume`); how a job stops is :mod:`.stopping`.
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ from ..flow import cfg_dropout_keep, encoder_drop_probs, flow_loss, sample_times
 from ..model import MMDiT
 from ..model.flops import device_peak_flops, train_flops_per_image
 from . import checkpoint as ckpt
-from .batches import BatchProducer, agree_start_step, build_schedule, local_source, remote_source, run_loader
+from .batches import BatchProducer, build_schedule, local_source, remote_source, run_loader
 from .metrics import LossByT, MetricsLogger
 from .optim import EMA, make_optimizer, make_scheduler
+from .resume import ResumePlan, agree_resume, check_loaded_step, data_layout
 from .rng_state import capture_rng_state, restore_rng_state
-from .runtime import Runtime, agree_stop, all_finite
+from .runtime import Runtime, all_finite
+from .stopping import agree_stop, send_end_request
 
 log = logging.getLogger(__name__)
 
@@ -58,20 +61,18 @@ def run_dir_of(cfg: Config) -> Path:
 
 def train(cfg: Config, rt: Runtime) -> dict:
     """Run this rank's part of the job; returns a summary (steps done, corrupt rows, ...)."""
-    total_micro = cfg.train.total_steps * cfg.train.accumulation_steps
+    plan = agree_resume(cfg, run_dir_of(cfg), rt)
     if rt.is_loader:
-        return _loader_main(cfg, rt, total_micro)
-    return Trainer(cfg, rt).fit()
+        return _loader_main(cfg, rt, plan)
+    return Trainer(cfg, rt, plan).fit()
 
 
-def _loader_main(cfg: Config, rt: Runtime, total_micro: int) -> dict:
+def _loader_main(cfg: Config, rt: Runtime, plan: ResumePlan) -> dict:
     if cfg.data.loader_threads:
         torch.set_num_threads(cfg.data.loader_threads)
-    start = agree_start_step(0, rt.topology, rt.data_group)
-    index, schedule = build_schedule(cfg, rt.num_model_ranks)
+    index, schedule = build_schedule(cfg, plan.segments)
     producer = BatchProducer(cfg, schedule, index, rt.device)
-    stats = run_loader(producer, rt.topology, rt.rank, rt.data_group, start, total_micro,
-                       should_stop=lambda: rt.stop_requested[0])
+    stats = run_loader(producer, rt.topology, rt.rank, rt.data_group, plan.start_micro, plan.stop_micro, rt.stop)
     busy = stats["encode_s"] + stats["wait_for_model_s"]
     stats["loader_wait_frac"] = stats["wait_for_model_s"] / busy if busy else 0.0
     log.info("loader rank %d done: %s", rt.rank, stats)
@@ -81,8 +82,8 @@ def _loader_main(cfg: Config, rt: Runtime, total_micro: int) -> dict:
 class Trainer:
     """State and loop of a model rank."""
 
-    def __init__(self, cfg: Config, rt: Runtime):
-        self.cfg, self.rt = cfg, rt
+    def __init__(self, cfg: Config, rt: Runtime, plan: ResumePlan):
+        self.cfg, self.rt, self.plan = cfg, rt, plan
         self.device = rt.device
         self.dtype = autocast_dtype(cfg, rt.device)
         self.model_index = rt.topology.model_index(rt.rank)
@@ -98,15 +99,17 @@ class Trainer:
         self.nonfinite_in_row = 0
         self.corrupt = 0
         self.wandb_id: str | None = None
+        self.samples_seen = plan.samples_seen
         self._restore()
         self.ddp = (DDP(self.model, process_group=rt.model_group) if rt.distributed and rt.num_model_ranks > 1
                     else None)
 
     # ---------------------------------------------------------------- checkpoints
     def _restore(self) -> None:
-        path = ckpt.resolve_resume(self.run_dir, self.cfg.train.resume)
-        if path is not None:
+        if self.plan.path is not None:
+            path = Path(self.plan.path)
             state = ckpt.load_checkpoint(path, map_location=self.device)
+            check_loaded_step(self.plan, state.step, self.rt.rank)
             self.model.load_state_dict(state.model_state)
             self.ema.load_state_dict(state.ema_state)
             self.optimizer.load_state_dict(state.optimizer_state)
@@ -118,8 +121,12 @@ class Trainer:
             rng = ts.get("rng", [])
             if self.model_index < len(rng):
                 restore_rng_state(rng[self.model_index])
+            else:
+                log.warning("rank %d: %s holds RNG states of %d model ranks, none for model index %d (the layout "
+                            "changed); this rank's global RNGs start fresh", self.rt.rank, path, len(rng),
+                            self.model_index)
             if self.rt.is_main:
-                log.info("resumed from %s at step %d", path, self.step)
+                log.info("resumed from %s at step %d (micro-step %d)", path, self.step, self.plan.start_micro)
         elif self.cfg.train.init_from:
             source = Path(self.cfg.train.init_from)
             weights = ckpt.load_weights(source, which="ema", device=str(self.device))
@@ -132,7 +139,11 @@ class Trainer:
             if self.rt.is_main:
                 log.info("initialised weights from %s (EMA weights)", source)
 
-    def save(self) -> None:
+    def save(self, micro: int) -> None:
+        """Write the checkpoint of this step; ``micro`` is the data cursor (the next micro-step to train).
+
+        Every model rank calls this (they hand their RNG states to the first one, which writes).
+        """
         rng = [capture_rng_state()]
         if self.rt.distributed and self.rt.num_model_ranks > 1:
             gathered = [None] * self.rt.num_model_ranks
@@ -142,7 +153,10 @@ class Trainer:
             return
         trainer_state = {
             "step": self.step,
-            "data_cursor": self.step * self.cfg.train.accumulation_steps,
+            "data_cursor": micro,
+            "samples_seen": self.samples_seen,
+            "data_layout": data_layout(self.cfg, self.rt.num_model_ranks),
+            "schedule_segments": self.plan.segments,
             "skipped": self.skipped,
             "corrupt": self.corrupt,
             "wandb_id": self.wandb_id,
@@ -199,17 +213,28 @@ class Trainer:
         return float(grad_norm), finite
 
     # ---------------------------------------------------------------- the loop
+    def _open_source(self):
+        cfg, rt, plan = self.cfg, self.rt, self.plan
+        if rt.topology.has_loaders:
+            return remote_source(rt.topology.loader_of(rt.rank), rt.data_group, plan.start_micro, plan.stop_micro)
+        index, schedule = build_schedule(cfg, plan.segments)
+        producer = BatchProducer(cfg, schedule, index, self.device)
+        return local_source(producer, self.model_index, plan.start_micro, plan.stop_micro)
+
+    def _end_stream(self, source, micro: int) -> None:
+        """Tell the loader where the stream ends and drain it (steps 4-5 of :mod:`.stopping`)."""
+        loader = self.rt.topology.loader_of(self.rt.rank)
+        work = send_end_request(loader, micro, self.rt.data_group) if loader is not None else None
+        dropped = source.close()
+        if work is not None:
+            work.wait()
+        if dropped:
+            log.info("rank %d: dropped %d batches streamed past micro-step %d", self.rt.rank, dropped, micro)
+
     def fit(self) -> dict:
         cfg, rt = self.cfg, self.rt
         accum = cfg.train.accumulation_steps
-        start_micro = agree_start_step(self.step * accum, rt.topology, rt.data_group)
-        stop_micro = cfg.train.total_steps * accum
-        if rt.topology.has_loaders:
-            source = remote_source(rt.topology.loader_of(rt.rank), rt.data_group, start_micro, stop_micro)
-        else:
-            index, schedule = build_schedule(cfg, rt.num_model_ranks)
-            producer = BatchProducer(cfg, schedule, index, self.device)
-            source = local_source(producer, self.model_index, start_micro, stop_micro)
+        source = self._open_source()
         validator = None
         if rt.is_main and cfg.train.validate_every and cfg.train.validation_prompts:
             from .validation import Validator
@@ -223,26 +248,28 @@ class Trainer:
             self.wandb_id = logger.wandb_id
         peak = cfg.train.peak_flops or device_peak_flops()
         loss_by_t = LossByT()
-        window = {"loss": 0.0, "n": 0, "images": 0, "tokens": 0, "flops": 0.0, "wait": source.wait_s,
-                  "t": time.perf_counter()}
+        window = {"loss": torch.zeros((), device=self.device), "n": 0, "images": 0, "tokens": 0, "flops": 0.0,
+                  "wait": source.wait_s, "t": time.perf_counter()}
         sample_log = None
         if cfg.train.log_samples:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             sample_log = (self.run_dir / f"samples_rank{rt.rank}.jsonl").open("a")
         self.model.train()
-        micro = start_micro
+        micro = self.plan.start_micro
         stopped = False
         while self.step < cfg.train.total_steps:
+            flagged = False  # a batch of this step says its loader was asked to stop
             for k in range(accum):
                 batch = source.get(micro).to(self.device)
+                flagged |= batch.stop_requested
                 self.corrupt += batch.corrupt
                 if sample_log is not None:
                     sample_log.write(json.dumps({"micro": micro, "bucket": list(batch.latents.shape[2:]),
                                                  "ids": batch.sample_ids.tolist()}) + "\n")
-                loss = self._micro_step(batch, micro, sync=k == accum - 1, loss_by_t=loss_by_t)
-                window["loss"] += float(loss)
+                window["loss"] += self._micro_step(batch, micro, sync=k == accum - 1, loss_by_t=loss_by_t)
                 window["n"] += 1
                 b, _, h, w = batch.latents.shape
+                self.samples_seen += b * rt.num_model_ranks
                 window["images"] += b
                 window["tokens"] += b * (h // cfg.model.patch_size) * (w // cfg.model.patch_size)
                 text_tokens = sum(m.shape[1] for m in batch.cond.masks)
@@ -257,21 +284,31 @@ class Trainer:
                 logger.advance()
                 if self.step % cfg.train.log_every == 0 or self.step == cfg.train.total_steps:
                     self._report(logger, window, grad_norm, loss_by_t, source, peak)
-            stopped = agree_stop(rt)
-            if self.step % cfg.train.save_every == 0 or self.step == cfg.train.total_steps or stopped:
-                self.save()
-            if validator is not None and self.step % cfg.train.validate_every == 0:
-                images = validator.run(self.ema.model, self.step, self.run_dir / "validation", self.dtype)
-                logger.log_images(self.step, "validation", images)
-            if stopped:
-                log.warning("stop requested: checkpoint written at step %d, exiting", self.step)
+            stopped = agree_stop(rt.stop, flagged, self.device, rt.model_group, rt.num_model_ranks)
+            if stopped or self.step == cfg.train.total_steps:
                 break
+            if self.step % cfg.train.save_every == 0:
+                self.save(micro)
+            if validator is not None and self.step % cfg.train.validate_every == 0:
+                logger.log_images(self.step, "validation", validator.run(self.ema.model, self.step,
+                                                                         self.run_dir / "validation", self.dtype))
+        self._end_stream(source, micro)
+        if self.step > self.plan.step or self.plan.path is None:  # the final save: every model rank takes part
+            t0 = time.perf_counter()
+            self.save(micro)
+            if stopped:
+                log.warning("stop requested: checkpoint of step %d written in %.1fs, exiting", self.step,
+                            time.perf_counter() - t0)
+        if validator is not None and not stopped and self.step % cfg.train.validate_every == 0:
+            logger.log_images(self.step, "validation", validator.run(self.ema.model, self.step,
+                                                                     self.run_dir / "validation", self.dtype))
         if logger is not None:
             logger.close()
         if sample_log is not None:
             sample_log.close()
-        summary = {"rank": rt.rank, "step": self.step, "skipped": self.skipped, "corrupt": self.corrupt,
-                   "stopped": stopped, "data_wait_s": source.wait_s, "weights_sha256": weights_digest(self.model)}
+        summary = {"rank": rt.rank, "step": self.step, "micro": micro, "samples_seen": self.samples_seen,
+                   "skipped": self.skipped, "corrupt": self.corrupt, "stopped": stopped,
+                   "data_wait_s": source.wait_s, "weights_sha256": weights_digest(self.model)}
         (self.run_dir / f"summary_rank{rt.rank}.json").write_text(json.dumps(summary, indent=1))
         return summary
 
@@ -280,7 +317,7 @@ class Trainer:
         now = time.perf_counter()
         elapsed = now - window["t"]
         values = {
-            "loss": window["loss"] / max(1, window["n"]),
+            "loss": float(window["loss"]) / max(1, window["n"]),  # the one host read of the losses
             "lr": self.scheduler.get_last_lr()[0],
             "grad_norm": grad_norm,
             "images_per_s": window["images"] * self.rt.num_model_ranks / elapsed,
@@ -295,4 +332,5 @@ class Trainer:
         if self.device.type == "cuda":
             values["max_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
         logger.log(self.step, values)
-        window.update(loss=0.0, n=0, images=0, tokens=0, flops=0.0, wait=source.wait_s, t=now)
+        window.update(loss=torch.zeros((), device=self.device), n=0, images=0, tokens=0, flops=0.0,
+                      wait=source.wait_s, t=now)

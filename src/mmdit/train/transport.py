@@ -3,6 +3,12 @@
 The data path always uses a gloo group with CPU tensors (point-to-point send/recv, which gloo supports on
 every platform); model ranks copy the batch to their device. This keeps one code path for CPU and GPU and
 lets a model rank receive in a background thread while it computes.
+
+The header's ``flags`` carry the stop protocol (:mod:`mmdit.train.stopping`) inside the data stream:
+``FLAG_STOP_REQUESTED`` on a batch says its loader was asked to stop (a signal reached the loader), and
+an *end message* (``FLAG_END``, a header with no tensors after it) tells a model rank that its loader
+sends nothing more. Model ranks answer with one control message each (the micro-step to end at, tag
+``CONTROL_TAG``), so loaders never stop in the middle of a step.
 """
 
 from __future__ import annotations
@@ -20,6 +26,9 @@ MAX_ENCODERS = 4
 _FIXED = 12
 HEADER_SIZE = _FIXED + 2 * MAX_ENCODERS
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+FLAG_STOP_REQUESTED = 1  # the loader that sent this batch was asked to stop
+FLAG_END = 2  # no batch follows this header: the loader is done
+CONTROL_TAG = 7  # model rank -> its loader: "end at micro-step E" (one int64)
 
 
 @dataclass
@@ -31,6 +40,7 @@ class Batch:
     latents: Tensor  # [B, C, H, W]
     cond: TextCondition
     corrupt: int = 0  # corrupt images replaced in this batch
+    stop_requested: bool = False  # its loader was asked to stop (FLAG_STOP_REQUESTED)
 
     @property
     def size(self) -> int:
@@ -39,7 +49,7 @@ class Batch:
     def to(self, device: torch.device, dtype: torch.dtype | None = None) -> Batch:
         return Batch(self.step, self.sample_ids, self.latents.to(device, dtype or self.latents.dtype,
                                                                  non_blocking=True),
-                     self.cond.to(device, dtype), self.corrupt)
+                     self.cond.to(device, dtype), self.corrupt, self.stop_requested)
 
 
 @dataclass(frozen=True)
@@ -54,13 +64,14 @@ class Header:
     text_shapes: tuple[tuple[int, int], ...]  # (length, width) per sequence encoder
     pooled_dim: int  # 0 = none
     corrupt: int
+    flags: int = 0  # FLAG_* bits
 
     def encode(self) -> Tensor:
         h = torch.zeros(HEADER_SIZE, dtype=torch.int64)
         h[:_FIXED] = torch.tensor([
             MAGIC, self.step, self.batch, self.channels, self.height, self.width,
             DTYPES.index(self.latent_dtype), DTYPES.index(self.text_dtype), len(self.text_shapes),
-            self.pooled_dim, self.corrupt, 0,
+            self.pooled_dim, self.corrupt, self.flags,
         ])
         for i, (length, width) in enumerate(self.text_shapes):
             h[_FIXED + 2 * i], h[_FIXED + 2 * i + 1] = length, width
@@ -73,17 +84,17 @@ class Header:
             raise RuntimeError(f"data message header has magic {v[0]:#x}, expected {MAGIC:#x}: ranks out of step")
         n = v[8]
         shapes = tuple((v[_FIXED + 2 * i], v[_FIXED + 2 * i + 1]) for i in range(n))
-        return Header(v[1], v[2], v[3], v[4], v[5], DTYPES[v[6]], DTYPES[v[7]], shapes, v[9], v[10])
+        return Header(v[1], v[2], v[3], v[4], v[5], DTYPES[v[6]], DTYPES[v[7]], shapes, v[9], v[10], v[11])
 
 
-def header_of(batch: Batch) -> Header:
+def header_of(batch: Batch, flags: int = 0) -> Header:
     cond = batch.cond
     if len(cond.tokens) > MAX_ENCODERS:
         raise ValueError(f"at most {MAX_ENCODERS} sequence encoders can be streamed, got {len(cond.tokens)}")
     b, c, h, w = batch.latents.shape
     return Header(batch.step, b, c, h, w, batch.latents.dtype, cond.tokens[0].dtype,
                   tuple((t.shape[1], t.shape[2]) for t in cond.tokens),
-                  0 if cond.pooled is None else cond.pooled.shape[1], batch.corrupt)
+                  0 if cond.pooled is None else cond.pooled.shape[1], batch.corrupt, flags)
 
 
 def _payload(batch: Batch) -> list[Tensor]:
@@ -96,17 +107,26 @@ def _payload(batch: Batch) -> list[Tensor]:
     return [t.detach().cpu().contiguous() for t in tensors]
 
 
-def send_batch(batch: Batch, dst: int, group: dist.ProcessGroup) -> list:
+def send_batch(batch: Batch, dst: int, group: dist.ProcessGroup, stop_requested: bool = False) -> list:
     """Send header then tensors without blocking; returns the work handles (wait on them before reuse)."""
-    tensors = [header_of(batch).encode(), *_payload(batch)]
+    flags = FLAG_STOP_REQUESTED if stop_requested else 0
+    tensors = [header_of(batch, flags).encode(), *_payload(batch)]
     return [dist.isend(t, dst=dst, group=group) for t in tensors]
 
 
-def recv_batch(src: int, group: dist.ProcessGroup) -> Batch:
-    """Receive one header, allocate exactly what it describes, then receive the tensors."""
+def send_end(step: int, dst: int, group: dist.ProcessGroup) -> None:
+    """The end message: a header with ``FLAG_END`` and nothing after it."""
+    end = Header(step, 0, 0, 0, 0, torch.float32, torch.float32, (), 0, 0, FLAG_END)
+    dist.send(end.encode(), dst=dst, group=group)
+
+
+def recv_batch(src: int, group: dist.ProcessGroup) -> Batch | None:
+    """Receive one header, allocate exactly what it describes, then receive the tensors; None at the end."""
     raw = torch.empty(HEADER_SIZE, dtype=torch.int64)
     dist.recv(raw, src=src, group=group)
     h = Header.decode(raw)
+    if h.flags & FLAG_END:
+        return None
     buffers = [torch.empty(h.batch, dtype=torch.int64), torch.empty(h.batch, h.channels, h.height, h.width,
                                                                     dtype=h.latent_dtype)]
     for length, width in h.text_shapes:
@@ -121,4 +141,5 @@ def recv_batch(src: int, group: dist.ProcessGroup) -> Batch:
     tokens = [buffers[2 + 2 * i] for i in range(n)]
     masks = [buffers[3 + 2 * i].bool() for i in range(n)]
     pooled = buffers[2 + 2 * n] if h.pooled_dim else None
-    return Batch(h.step, buffers[0], buffers[1], TextCondition(tokens, masks, pooled), h.corrupt)
+    return Batch(h.step, buffers[0], buffers[1], TextCondition(tokens, masks, pooled), h.corrupt,
+                 bool(h.flags & FLAG_STOP_REQUESTED))
