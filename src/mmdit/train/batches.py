@@ -116,8 +116,7 @@ def run_loader(producer: BatchProducer, topology: Topology, rank: int, group, st
         t0 = time.perf_counter()
         batch = producer.encode(step, futures.pop((step, m)).result())
         t1 = time.perf_counter()
-        for work in pending.pop(m, []):
-            work.wait()
+        _wait_sends(pending.pop(m, []), m)
         t2 = time.perf_counter()
         pending[m] = send_batch(batch, m, group, stop_requested=stop_request.requested)
         sent += 1
@@ -125,15 +124,22 @@ def run_loader(producer: BatchProducer, topology: Topology, rank: int, group, st
         idle += t2 - t1
     for future in futures.values():
         future.cancel()
-    for works in pending.values():
-        for work in works:
-            work.wait()
+    for m, works in pending.items():
+        _wait_sends(works, m)
     last = order[sent - 1][0] + 1 if sent else start
     for m in models:
-        send_end(last, m, group)
+        _wait_sends([send_end(last, m, group)], m)
     end = listener.wait()
     return {"corrupt": producer.corrupt_total, "encode_s": busy, "wait_for_model_s": idle, "end_micro": end,
             "sent": sent}
+
+
+def _wait_sends(works: list, model_rank: int) -> None:
+    try:
+        for work in works:
+            work.wait()
+    except RuntimeError as err:
+        raise RuntimeError(f"lost the connection to model rank {model_rank} (did it die?): {err}") from err
 
 
 _END = object()  # the stream is over (a loader's end message, or the local producer's last step)

@@ -70,7 +70,10 @@ def agree_stop(stop: StopRequest, flagged_by_loader: bool, device: torch.device,
 
 def send_end_request(loader: int, end_micro: int, group) -> dist.Work:
     """A model rank tells its loader the micro-step to end at (wait on the handle after draining)."""
-    return dist.isend(torch.tensor([end_micro], dtype=torch.int64), dst=loader, group=group, tag=CONTROL_TAG)
+    try:
+        return dist.isend(torch.tensor([end_micro], dtype=torch.int64), dst=loader, group=group, tag=CONTROL_TAG)
+    except RuntimeError as err:
+        raise RuntimeError(f"lost the connection to loader rank {loader} (did it die?): {err}") from err
 
 
 class EndListener:

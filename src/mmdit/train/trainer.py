@@ -266,6 +266,7 @@ class Trainer:
                 if sample_log is not None:
                     sample_log.write(json.dumps({"micro": micro, "bucket": list(batch.latents.shape[2:]),
                                                  "ids": batch.sample_ids.tolist()}) + "\n")
+                    sample_log.flush()  # current even if the process is killed next
                 window["loss"] += self._micro_step(batch, micro, sync=k == accum - 1, loss_by_t=loss_by_t)
                 window["n"] += 1
                 b, _, h, w = batch.latents.shape

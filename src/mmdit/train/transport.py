@@ -114,10 +114,10 @@ def send_batch(batch: Batch, dst: int, group: dist.ProcessGroup, stop_requested:
     return [dist.isend(t, dst=dst, group=group) for t in tensors]
 
 
-def send_end(step: int, dst: int, group: dist.ProcessGroup) -> None:
-    """The end message: a header with ``FLAG_END`` and nothing after it."""
+def send_end(step: int, dst: int, group: dist.ProcessGroup) -> dist.Work:
+    """The end message: a header with ``FLAG_END`` and nothing after it (returns the send's handle)."""
     end = Header(step, 0, 0, 0, 0, torch.float32, torch.float32, (), 0, 0, FLAG_END)
-    dist.send(end.encode(), dst=dst, group=group)
+    return dist.isend(end.encode(), dst=dst, group=group)
 
 
 def recv_batch(src: int, group: dist.ProcessGroup) -> Batch | None:
