@@ -223,3 +223,13 @@ def test_policy_validates_its_values():
         ImagePolicy(background=(0, 0, 300))
     with pytest.raises(ValueError, match="max_pixels"):
         ImagePolicy(max_pixels=0)
+
+
+def test_embedded_srgb_and_broken_profiles_leave_the_pixels_alone():
+    from PIL import ImageCms
+
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    image = Image.fromarray(upright_mark())
+    plain = pixels(encoded(image, "JPEG", quality=95))
+    assert np.array_equal(pixels(encoded(image, "JPEG", quality=95, icc_profile=srgb)), plain)
+    assert np.array_equal(pixels(encoded(image, "JPEG", quality=95, icc_profile=b"not a profile" * 20)), plain)

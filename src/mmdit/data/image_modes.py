@@ -2,9 +2,11 @@
 
 Tested on real encoded files (tests/test_data_images.py): ``1`` (PNG, 1-bit), ``L`` (PNG, JPEG),
 ``L`` + tRNS (PNG), ``LA`` (PNG), ``P`` (PNG, GIF), ``P`` + transparency index (GIF) and + tRNS alpha
-table (PNG), ``RGB`` (PNG, JPEG, WebP, AVIF, BMP, TIFF), ``RGB`` + tRNS colour key (PNG), ``RGB``
-with an ICC profile other than sRGB (JPEG), ``RGBA`` (PNG, WebP, TIFF), ``CMYK`` (JPEG, with and without an ICC profile), ``I;16`` (PNG, TIFF), ``I`` (TIFF, 32-bit
-integer), ``F`` (TIFF, 32-bit float), and animated GIF / WebP (first frame, see images.decode).
+table (PNG), ``RGB`` (PNG, JPEG, WebP, AVIF, BMP, TIFF), ``RGB`` + tRNS colour key (PNG), ``RGB`` with
+an embedded sRGB profile and with an unreadable one (JPEG), ``RGBA`` (PNG, WebP, TIFF), ``CMYK``
+(JPEG, no profile), ``I;16`` (PNG, TIFF), ``I`` (TIFF, 32-bit integer), ``F`` (TIFF, 32-bit float),
+and animated GIF / WebP / PNG (first frame, see images.decode). Not tested for want of a real
+profile offline: the conversion through a non-sRGB RGB or a CMYK ICC profile (littlecms does it).
 
 Rules, each what a viewer does: alpha is composited over ``background``; 16-bit integers are scaled
 by 255/65535; ``I`` (32-bit) is read as 16-bit when all values fit 0..65535 (what 16-bit files decode
