@@ -7,12 +7,15 @@ writes, with tiny image bytes. Then times, best of --repeats:
   floor : pyarrow reading only bucket_height/bucket_width of every file (same thread pool)
   ours  : create_indices end to end (list, stat, read, build arrays, save the .npz)
   load  : BucketIndex.load with its shard-set check
-and create_phase on a few hundred demo images. The last line is ``rows_per_s=<ours>``.
+and create_phase on a few hundred demo images, and on real-photo sizes (1-12 MP JPEGs made here): the
+per-image decode + resize + encode with the JPEG ``draft`` reduction (after) and with a full decode
+(before), one process, printed as a ratio. The last line is ``rows_per_s=<ours>``.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import shutil
 import sys
 import tempfile
@@ -26,10 +29,13 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from mmdit.data.buckets import bucket_size  # noqa: E402
 from mmdit.data.demo_dataset import make_demo_dataset  # noqa: E402
+from mmdit.data.images import decode, encode, fit_to_bucket  # noqa: E402
 from mmdit.data.indices import BucketIndex, create_indices  # noqa: E402
 from mmdit.data.phase import create_phase  # noqa: E402
 
+PHOTO_MEGAPIXELS = (1, 2, 4, 8, 12)
 BUCKETS = [(256, 256), (192, 256), (256, 192), (176, 256), (256, 176), (144, 256), (256, 144), (128, 256)]
 CAPTIONS = [f"a photo of object {i} with a fairly long recaptioned description of the scene" for i in range(64)]
 
@@ -87,6 +93,39 @@ def best_of(repeats: int, fn) -> tuple[float, object]:
     return best, result
 
 
+def make_photos(megapixels: tuple[int, ...], seed: int = 0) -> list[bytes]:
+    """Photo-like 4:3 JPEGs (smooth content plus sensor noise, quality 90), one per size."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    photos = []
+    for mp in megapixels:
+        width = int(round((mp * 1e6 * 4 / 3) ** 0.5 / 16)) * 16
+        height = width * 3 // 4
+        coarse = Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).resize((width, height),
+                                                                                            Image.Resampling.BICUBIC)
+        pixels = np.asarray(coarse).astype(np.int16) + rng.integers(-6, 7, (height, width, 1), dtype=np.int16)
+        buffer = io.BytesIO()
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=90)
+        photos.append(buffer.getvalue())
+    return photos
+
+
+def photo_rate(photos: list[bytes], max_resolution: int, draft: bool, repeats: int) -> float:
+    """Images/s of decode + fit_to_bucket + JPEG encode in this process (best of ``repeats``)."""
+    def bucket(width: int, height: int) -> tuple[int, int]:
+        return bucket_size(width, height, 16, max_resolution)
+
+    def run() -> None:
+        for data in photos:
+            decoded = decode(data, bucket=bucket if draft else None)
+            size = bucket(decoded.width, decoded.height)
+            encode(fit_to_bucket(decoded.image, *size), "JPEG")
+
+    seconds, _ = best_of(repeats, run)
+    return len(photos) / seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=1_000_000)
@@ -95,6 +134,8 @@ def main() -> None:
     parser.add_argument("--n_proc", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--phase_images", type=int, default=300, help="0 skips the create_phase timing")
+    parser.add_argument("--photo_resolution", type=int, default=256,
+                        help="bucket long side for the 1-12 MP photo timing (0 skips it)")
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "mmdit_bench_indexing"))
     args = parser.parse_args()
 
@@ -133,6 +174,15 @@ def main() -> None:
             seconds = time.perf_counter() - start
             print(f"create_phase, {args.phase_images} demo images (<=160 px -> <=64 px), n_proc={n_proc}: "
                   f"{args.phase_images / seconds:,.0f} images/s ({seconds:.2f}s, pool start-up included)")
+
+    if args.photo_resolution:
+        photos = make_photos(PHOTO_MEGAPIXELS)
+        mb = sum(map(len, photos)) / 2**20
+        full = photo_rate(photos, args.photo_resolution, draft=False, repeats=args.repeats)
+        drafted = photo_rate(photos, args.photo_resolution, draft=True, repeats=args.repeats)
+        sizes = "/".join(map(str, PHOTO_MEGAPIXELS))
+        print(f"photos {sizes} MP JPEG ({mb:.1f} MiB) -> <= {args.photo_resolution} px, 1 process: "
+              f"full decode {full:.2f} images/s, draft {drafted:.2f} images/s, draft/full = {drafted / full:.2f}x")
 
     print(f"rows_per_s={args.rows / ours:.0f}")
 

@@ -1,5 +1,8 @@
 """create_indices: equals a brute-force scan, reads only metadata columns, detects a changed shard set."""
 
+import os
+import shutil
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -91,7 +94,7 @@ def test_reads_only_bucket_columns(folder, monkeypatch):
 def test_changed_shard_set_is_detected(folder, tmp_path):
     path = tmp_path / "idx.npy"  # any suffix works; it is an npz archive
     create_indices(folder, path)
-    BucketIndex.load(path, folder, verify="rows")
+    BucketIndex.load(path, folder, verify="footer")
 
     _write_shard(folder / "z_new.parquet", 1000, 5, np.random.default_rng(1))
     with pytest.raises(ValueError, match=r"1 added: z_new\.parquet.*create_indices"):
@@ -107,6 +110,46 @@ def test_changed_shard_set_is_detected(folder, tmp_path):
     with pytest.raises(ValueError, match=r"1 changed: a\.parquet"):
         BucketIndex.load(path, folder)
     BucketIndex.load(path, folder, verify="none")  # explicitly unchecked
+
+
+def _rewrite_same_size(path, value: bytes, keep_mtime: bool) -> None:
+    """Write ``path`` again with other footer metadata of the same length (so the same size)."""
+    before = path.stat()
+    table = pq.read_table(path).replace_schema_metadata({b"note": value})
+    pq.write_table(table, path, row_group_size=7)
+    assert path.stat().st_size == before.st_size
+    if keep_mtime:
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    elif path.stat().st_mtime_ns == before.st_mtime_ns:  # a file system with coarse timestamps
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000_000))
+
+
+def test_shard_rewritten_with_the_same_size_is_named(folder, tmp_path):
+    shard = folder / "b.parquet"
+    pq.write_table(pq.read_table(shard).replace_schema_metadata({b"note": b"first"}), shard, row_group_size=7)
+    path = tmp_path / "idx.npz"
+    create_indices(folder, path)
+    _rewrite_same_size(folder / "b.parquet", b"again", keep_mtime=False)
+    with pytest.raises(ValueError, match=r"1 changed: b\.parquet \(modified after indexing.*src/create_indices\.py"):
+        BucketIndex.load(path, folder)
+    create_indices(folder, path)
+    # same size and the old mtime (a tool that restores times): only the footer hash sees it
+    _rewrite_same_size(folder / "b.parquet", b"third", keep_mtime=True)
+    BucketIndex.load(path, folder)  # stat cannot tell
+    with pytest.raises(ValueError, match=r"1 changed: b\.parquet \(rewritten after indexing: footer hash"):
+        BucketIndex.load(path, folder, verify="footer")
+
+
+def test_copied_folder_passes_the_footer_check(folder, tmp_path):
+    path = tmp_path / "idx.npz"
+    create_indices(folder, path)
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy, copy_function=shutil.copyfile)  # new mtimes, same bytes
+    for shard in copy.rglob("*.parquet"):
+        os.utime(shard, ns=(0, shard.stat().st_mtime_ns + 5_000_000_000))
+    with pytest.raises(ValueError, match="verify='footer'"):
+        BucketIndex.load(path, copy)
+    assert len(BucketIndex.load(path, copy, verify="footer")) == 95
 
 
 def test_unbucketed_folder_is_refused(tmp_path):

@@ -73,13 +73,13 @@ def test_corrupt_rows_skipped_and_counted(raw, tmp_path):
     source = _read_all(raw).to_pylist()
     corrupt = sorted(r["id"] for r in source if r["image"].startswith(b"not an image"))
     assert corrupt, "the fixture should plant corrupt rows"
-    assert sorted(summary["skipped_ids"]) == corrupt
-    assert summary["skipped"] == len(corrupt)
+    assert sorted(row["id"] for row in summary["skipped_rows"]) == corrupt
+    assert summary["skipped"] == len(corrupt) and summary["skipped_by_reason"] == {"undecodable": len(corrupt)}
     assert summary["rows_in"] == len(source) and summary["rows_out"] == len(source) - len(corrupt)
     kept = set(_read_all(tmp_path / "out")["id"].to_pylist())
     assert kept == {r["id"] for r in source} - set(corrupt)  # neighbours of a corrupt row survive
     on_disk = json.loads((tmp_path / "out" / SUMMARY_NAME).read_text())
-    assert on_disk["skipped_ids"] == summary["skipped_ids"]
+    assert on_disk["skipped_rows"] == summary["skipped_rows"]
 
 
 def test_interrupted_run_resumes_to_the_same_result(raw, tmp_path):
@@ -95,7 +95,7 @@ def test_interrupted_run_resumes_to_the_same_result(raw, tmp_path):
     assert {p.name for p in out.glob("*.parquet")} == set(reference)
     for name, table in reference.items():
         assert pq.read_table(out / name).equals(table)
-    for key in ("rows_in", "rows_out", "skipped_ids", "buckets"):
+    for key in ("rows_in", "rows_out", "skipped_rows", "buckets"):
         assert second[key] == first[key]
     third = create_phase(raw, out, max_resolution=32, step=16, progress=False)
     assert third["shards_converted_this_run"] == 0

@@ -7,8 +7,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from web_images import encoded, upright_mark
 
+from mmdit.config import DataConfig
 from mmdit.data.demo_dataset import make_demo_dataset
+from mmdit.data.images import fit_to_bucket
 from mmdit.data.indices import build_index
 from mmdit.data.phase import create_phase
 from mmdit.data.rows import RowReader
@@ -91,3 +94,37 @@ def test_corrupt_image_gives_none_and_is_counted(tmp_path):
 def test_missing_caption_column_is_a_clear_error(index):
     with pytest.raises(ValueError, match="caption_columns"):
         RowReader(index, caption_columns=["prompt"]).read([0])
+
+
+def test_reader_normalises_shards_written_by_other_tools(tmp_path):
+    """EXIF-rotated, 16-bit and transparent images in a bucketed shard train on the picture a viewer sees."""
+    portrait = np.ascontiguousarray(np.rot90(upright_mark(), -1))  # 60 x 40 (HxW)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated = encoded(Image.fromarray(upright_mark()), "PNG", exif=exif.tobytes())  # viewer sees `portrait`
+    grey16 = encoded(Image.fromarray(np.full((60, 40), 30000, np.uint16)), "PNG")
+    clear = encoded(Image.new("RGBA", (40, 60), (0, 0, 0, 0)), "PNG")
+    pq.write_table(pa.table({
+        "image": [rotated, grey16, clear],
+        "caption_long": ["a", "b", "c"],
+        "bucket_height": pa.array([48] * 3, pa.int32()),
+        "bucket_width": pa.array([32] * 3, pa.int32()),
+    }), tmp_path / "s.parquet")
+    index = build_index(tmp_path)
+    samples = RowReader(index, caption_columns=["caption_long"], background=(0, 128, 0)).read([0, 1, 2])
+    expected = np.asarray(fit_to_bucket(Image.fromarray(portrait), 48, 32)).astype(int)
+    assert np.abs(samples[0].image.astype(int) - expected).mean() < 2
+    assert np.all(samples[1].image == 117)
+    assert np.all(samples[2].image == (0, 128, 0))
+    reader = RowReader(index, caption_columns=["caption_long"], max_pixels=1000)
+    assert reader.read([0]) == [None] and reader.corrupt_reasons == {"too_large": 1}
+
+
+def test_reader_takes_its_policy_from_the_config(tmp_path):
+    pq.write_table(pa.table({
+        "image": [encoded(Image.new("LA", (32, 16), (0, 0)), "PNG")],
+        "caption_long": ["a"], "caption_short": ["A"],
+        "bucket_height": pa.array([16], pa.int32()), "bucket_width": pa.array([32], pa.int32()),
+    }), tmp_path / "s.parquet")
+    cfg = DataConfig(image_background=[10, 20, 30], max_image_pixels=10_000)
+    assert np.all(RowReader.from_config(build_index(tmp_path), cfg).read([0])[0].image == (10, 20, 30))

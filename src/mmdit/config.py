@@ -186,6 +186,10 @@ class DataConfig:
     # torch intra-op threads on a loader rank (0 = torch's default); 1 keeps a CPU loader off the model's cores
     loader_threads: int = 0
     seed: int = 0
+    # R, G, B that transparent pixels are composited over when a row is decoded (create_phase's default)
+    image_background: list[int] = field(default_factory=lambda: [255, 255, 255])
+    # a row whose image header has more pixels than this is skipped as corrupt (create_phase's default)
+    max_image_pixels: int = 100_000_000
 
     def __post_init__(self) -> None:
         _positive("data.batch_size", self.batch_size)

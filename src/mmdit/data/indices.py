@@ -3,7 +3,11 @@
 Only the ``bucket_height`` and ``bucket_width`` columns are read (never the image bytes), in parallel
 over files. The index is one ``.npz`` file (no pickle) with, per row, ``file_id``, ``row`` (row in its
 file), ``bucket_height``, ``bucket_width``, and a JSON record of the shards (relative path, size in
-bytes, mtime, row count) so that :meth:`BucketIndex.load` can tell when the data changed under it.
+bytes, mtime, row count, SHA-256 of the parquet footer) so that :meth:`BucketIndex.load` can tell when
+the data changed under it: by size and mtime (``stat``, free), or by size and footer hash (``footer``,
+one small read per shard; survives a copy that does not keep mtimes, and catches a shard rewritten
+with the same size and mtime, since the footer holds every row group's offsets and create_phase's
+statistics).
 
 A *global sample id* is a row's position in this flat index: files in sorted path order, rows in file
 order. Sample ids are what the schedule hands out and what a checkpointed cursor refers to.
@@ -11,8 +15,10 @@ order. Sample ids are what the schedule hands out and what a checkpointed cursor
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -24,7 +30,9 @@ import pyarrow.parquet as pq
 
 from mmdit.data.phase import list_shards
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2 added footer_sha256; version 1 indices still load (stat checks only)
+READABLE_VERSIONS = (1, 2)
+VERIFY_MODES = ("stat", "footer", "none")
 BUCKET_COLUMNS = ("bucket_height", "bucket_width")
 
 
@@ -36,6 +44,23 @@ class ShardInfo:
     size: int  # bytes
     mtime_ns: int
     num_rows: int
+    footer_sha256: str = ""  # empty in version-1 indices
+
+
+def footer_sha256(path: Path) -> str:
+    """SHA-256 of a parquet file's footer (its metadata block and the 8 bytes after it)."""
+    with open(path, "rb") as handle:
+        handle.seek(0, os.SEEK_END)
+        size = handle.tell()
+        if size < 12:
+            raise ValueError(f"{path} is {size} bytes, too short for parquet")
+        handle.seek(size - 8)
+        tail = handle.read(8)
+        (length,) = struct.unpack("<i", tail[:4])
+        if tail[4:] != b"PAR1" or not 0 < length <= size - 12:
+            raise ValueError(f"{path} has no parquet footer; is it a complete parquet file?")
+        handle.seek(size - 8 - length)
+        return hashlib.sha256(handle.read(length) + tail).hexdigest()
 
 
 def _scan_shard(root: Path, rel: Path) -> tuple[ShardInfo, np.ndarray, np.ndarray]:
@@ -52,7 +77,7 @@ def _scan_shard(root: Path, rel: Path) -> tuple[ShardInfo, np.ndarray, np.ndarra
     table = source.read(columns=list(BUCKET_COLUMNS), use_threads=False)
     heights = table.column(0).to_numpy().astype(np.int32, copy=False)
     widths = table.column(1).to_numpy().astype(np.int32, copy=False)
-    info = ShardInfo(rel.as_posix(), stat.st_size, stat.st_mtime_ns, table.num_rows)
+    info = ShardInfo(rel.as_posix(), stat.st_size, stat.st_mtime_ns, table.num_rows, footer_sha256(path))
     return info, heights, widths
 
 
@@ -141,15 +166,16 @@ class BucketIndex:
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path: str | Path, parquet_folder: str | Path | None = None, verify: str = "size") -> BucketIndex:
+    def load(cls, path: str | Path, parquet_folder: str | Path | None = None, verify: str = "stat") -> BucketIndex:
         """Load an index written by :func:`create_indices` and check it still matches ``parquet_folder``.
 
-        ``verify``: ``"size"`` (file set and byte sizes, from ``stat`` only), ``"rows"`` (also the row
-        count in every footer) or ``"none"``. A mismatch raises ``ValueError`` naming the files.
+        ``verify``: ``"stat"`` (file set, byte sizes and modification times, from ``stat`` only),
+        ``"footer"`` (file set, sizes and a hash of every footer; use it on a copied folder whose
+        mtimes changed) or ``"none"``. A mismatch raises ``ValueError`` naming the shards.
         ``parquet_folder`` defaults to the folder the index was built from.
         """
-        if verify not in ("size", "rows", "none"):
-            raise ValueError(f"verify={verify!r}; choose 'size', 'rows' or 'none'")
+        if verify not in VERIFY_MODES:
+            raise ValueError(f"verify={verify!r}; choose one of {list(VERIFY_MODES)}")
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(
@@ -159,29 +185,44 @@ class BucketIndex:
         with np.load(path, allow_pickle=False) as archive:
             meta = json.loads(bytes(archive["meta"]).decode())
             arrays = {k: archive[k] for k in ("file_id", "row", "bucket_height", "bucket_width")}
-        if meta.get("version") != INDEX_VERSION:
-            raise ValueError(f"bucket index {path} has version {meta.get('version')}, expected {INDEX_VERSION}; "
-                             "re-run create_indices")
+        if meta.get("version") not in READABLE_VERSIONS:
+            raise ValueError(f"bucket index {path} has version {meta.get('version')}, expected one of "
+                             f"{list(READABLE_VERSIONS)}; re-run src/create_indices.py")
         folder = Path(parquet_folder) if parquet_folder is not None else Path(meta["parquet_folder"])
         index = cls(folder, [ShardInfo(**f) for f in meta["files"]], **arrays)
         if verify != "none":
-            index.verify(check_rows=verify == "rows", index_path=path)
+            index.verify(footer=verify == "footer", index_path=path)
         return index
 
-    def verify(self, check_rows: bool = False, index_path: str | Path | None = None) -> None:
-        """Raise ``ValueError`` if shards were added, removed or changed since the index was built."""
+    def _changed(self, info: ShardInfo, footer: bool) -> str | None:
+        """How shard ``info`` differs from the file on disk now, or None."""
+        path = self.parquet_folder / info.path
+        stat = path.stat()
+        if stat.st_size != info.size:
+            return f"{info.path} (size {info.size} -> {stat.st_size} bytes)"
+        if not footer:
+            if stat.st_mtime_ns != info.mtime_ns:
+                return (f"{info.path} (modified after indexing: mtime {info.mtime_ns} -> {stat.st_mtime_ns} ns; "
+                        "if the folder was only copied, load with verify='footer')")
+            return None
+        if not info.footer_sha256:
+            return f"{info.path} (the index predates footer hashes)"
+        try:
+            digest = footer_sha256(path)
+        except (OSError, ValueError) as err:
+            return f"{info.path} ({err})"
+        return None if digest == info.footer_sha256 else f"{info.path} (rewritten after indexing: footer hash differs)"
+
+    def verify(self, footer: bool = False, index_path: str | Path | None = None) -> None:
+        """Raise ``ValueError`` if shards were added, removed or changed since the index was built.
+
+        Changed means another size or mtime, or with ``footer`` another size or footer hash.
+        """
         current = {p.as_posix() for p in list_shards(self.parquet_folder)}
         known = {f.path: f for f in self.files}
         added = sorted(current - known.keys())
         removed = sorted(known.keys() - current)
-        changed = []
-        for rel in sorted(current & known.keys()):
-            info = known[rel]
-            path = self.parquet_folder / rel
-            if path.stat().st_size != info.size:
-                changed.append(f"{rel} (size {info.size} -> {path.stat().st_size} bytes)")
-            elif check_rows and pq.ParquetFile(path).metadata.num_rows != info.num_rows:
-                changed.append(f"{rel} (rows {info.num_rows} -> {pq.ParquetFile(path).metadata.num_rows})")
+        changed = [c for rel in sorted(current & known.keys()) if (c := self._changed(known[rel], footer))]
         if not (added or removed or changed):
             return
 

@@ -3,20 +3,23 @@
 Reads are grouped by shard and by row group; only the row groups holding requested rows are read,
 and only the image and caption columns (plus any ``extra_columns``). Open shard handles are kept in a
 small LRU cache. A row group is the smallest unit parquet can read, so create_phase writes small ones.
+Images go through the same :func:`mmdit.data.images.decode` as create_phase, so a shard written by an
+older create_phase or another tool (EXIF-rotated, 16-bit, transparent, CMYK) still gives the picture a
+viewer sees.
 A :class:`RowReader` is not thread-safe: give each worker its own.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
 
-from mmdit.data.images import DECODE_ERRORS, decode, fit_to_bucket
+from mmdit.data.images import DEFAULT_BACKGROUND, DEFAULT_MAX_PIXELS, ImagePolicy, SkipImage, decode, fit_to_bucket
 from mmdit.data.indices import BucketIndex
 
 log = logging.getLogger(__name__)
@@ -55,6 +58,8 @@ class RowReader:
         extra_columns: tuple[str, ...] | list[str] = (),
         seed: int = 0,
         max_open_files: int = 64,
+        background: tuple[int, int, int] = DEFAULT_BACKGROUND,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
         if not caption_columns:
             raise ValueError("caption_columns is empty; name at least one caption column")
@@ -70,13 +75,17 @@ class RowReader:
         self.max_open_files = max_open_files
         self.corrupt_count = 0
         self.corrupt_ids: list[int] = []
+        self.corrupt_reasons: Counter = Counter()  # SkipImage reason -> count
+        # min_side=1: the bucket was decided when the shard was written; the reader only decodes
+        self.policy = ImagePolicy(max_pixels=max_pixels, min_side=1, background=tuple(background))
         self._files: OrderedDict[int, tuple[pq.ParquetFile, np.ndarray]] = OrderedDict()
 
     @classmethod
     def from_config(cls, index: BucketIndex, data_cfg, extra_columns=()) -> RowReader:
         """Build from a :class:`mmdit.config.DataConfig`."""
         return cls(index, data_cfg.image_column, data_cfg.caption_columns, data_cfg.first_caption_prob,
-                   data_cfg.random_flip, extra_columns, data_cfg.seed)
+                   data_cfg.random_flip, extra_columns, data_cfg.seed, background=tuple(data_cfg.image_background),
+                   max_pixels=data_cfg.max_image_pixels)
 
     def _open(self, file_id: int) -> tuple[pq.ParquetFile, np.ndarray]:
         """Cached handle and row-group start rows of one shard."""
@@ -140,16 +149,17 @@ class RowReader:
         return results
 
     def _make_sample(self, sample_id: int, values: dict[str, Any], draws: np.ndarray) -> Sample | None:
+        height, width = self.index.bucket_of(sample_id)
         try:
-            image, _ = decode(values[self.image_column])
-        except DECODE_ERRORS as err:
+            decoded = decode(values[self.image_column], self.policy, bucket=lambda w, h: (height, width))
+        except SkipImage as skip:
             self.corrupt_count += 1
             self.corrupt_ids.append(sample_id)
+            self.corrupt_reasons[skip.reason] += 1
             path, row = self.index.locate(sample_id)
-            log.warning("corrupt image at sample id %d (%s row %d): %s", sample_id, path, row, type(err).__name__)
+            log.warning("corrupt image at sample id %d (%s row %d): %s", sample_id, path, row, skip)
             return None
-        height, width = self.index.bucket_of(sample_id)
-        array = np.array(fit_to_bucket(image, height, width), dtype=np.uint8)  # writable copy
+        array = np.array(fit_to_bucket(decoded.image, height, width), dtype=np.uint8)  # writable copy
         flipped = bool(self.random_flip and draws[1] < 0.5)
         if flipped:
             array = np.ascontiguousarray(array[:, ::-1])
