@@ -47,11 +47,15 @@
 # after KillWait (scancel) or the partition's GraceTime (preemption). The workers begin their stop at
 # once. torchrun handles SIGTERM on every version (SIGTERM, SIGINT, SIGHUP, SIGQUIT raise a
 # SignalException in the agent): it sends SIGTERM to the workers, SIGKILLs them after a timeout, and
-# exits non-zero (torch/distributed/elastic/agent/server/api.py, SimpleElasticAgent.run -> _shutdown):
+# exits non-zero (torch/distributed/elastic/agent/server/api.py, SimpleElasticAgent.run -> _shutdown;
+# read in the sources of torch 2.4.0 and of the 2.13 installed here):
 #   - torch 2.4 and the releases before pytorch PR #172596 (merged March 2026): the timeout is a
-#     hard-coded 30 s, too short to save a 1B model with its optimizer state (~19 GB);
+#     hard-coded 30 s (PContext.close(death_sig, timeout=30)), too short to save a 1B model with its
+#     optimizer state (~19 GB); the handled signals are hard-coded too (no USR1);
 #   - newer torch (2.13 here): `--shutdown-timeout`, read from PET_SHUTDOWN_TIMEOUT or
-#     TORCH_ELASTIC_SHUTDOWN_TIMEOUT, both exported here from SHUTDOWN_TIMEOUT (old torch ignores them).
+#     TORCH_ELASTIC_SHUTDOWN_TIMEOUT, both exported here from SHUTDOWN_TIMEOUT (old torch ignores them);
+#     the handled signals come from TORCHELASTIC_SIGNALS_TO_HANDLE (default SIGTERM,SIGINT,SIGHUP,SIGQUIT:
+#     do not add SIGUSR1 to it, or torchrun would turn the time-limit USR1 into its own shutdown).
 # So on old torch a SIGTERM leaves min(30 s, SLURM's grace) for the save; the time-limit path above does
 # not depend on the torch version. A plain `scancel` does not requeue.
 # To start a new stage from a previous one, use `train.init_from=<step dir>` (weights only): on a

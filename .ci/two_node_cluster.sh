@@ -21,7 +21,7 @@
 # The one-node cluster of .ci/setup_slurm.sh (/etc/slurm, ports 6817/6818) is left running and untouched:
 # this one has its own config dir, state, spool, pid and log files under $DIR and its own ports.
 #
-# Knobs (environment): TWO_NODE_DIR ($DIR, /tmp/mmdit-slurm2), TWO_NODE_SUBNET (10.213.7, a /24 that must
+# Knobs (environment): TWO_NODE_DIR ($DIR, /tmp/mmdit-slurm2; `down` removes it unless TWO_NODE_KEEP_LOGS=1), TWO_NODE_SUBNET (10.213.7, a /24 that must
 # not be used on this machine), TWO_NODE_TIMEOUT seconds to wait for both nodes (60), TWO_NODE_FAKE_GPUS (2).
 # Needs root, iproute2 (`ip netns`), util-linux (`unshare`) and SLURM installed (.ci/setup_slurm.sh).
 # Exit code 3 means "cannot run here" (not root, no `ip netns`, no SLURM): the pytest fixture skips then.
@@ -80,6 +80,7 @@ down() {
         fi
         rm -rf "/etc/netns/$ns"
     done
+    rmdir /etc/netns 2>/dev/null || true  # only if empty: other namespaces' entries stay
     ip link del "$VETH_A" 2>/dev/null || true  # gone with its namespace; only left if `up` died half-way
     if [ "${TWO_NODE_KEEP_LOGS:-0}" != 1 ]; then rm -rf "$DIR"; fi
 }
@@ -106,8 +107,12 @@ network() {
     for ns in $NS_A $NS_B; do
         ip -n "$ns" link set lo up
         mkdir -p "/etc/netns/$ns"
-        printf '127.0.0.1 localhost\n::1 localhost\n%s.1 %s\n%s.2 %s\n' "$SUBNET" "$HOST_A" "$SUBNET" "$HOST_B" \
-            >"/etc/netns/$ns/hosts"
+        # the ::ffff: forms: c10d's store listens on IPv6 and looks up its peers' v4-mapped addresses
+        {
+            printf '127.0.0.1 localhost\n::1 localhost\n::ffff:127.0.0.1 localhost\n'
+            printf '%s.1 %s\n%s.2 %s\n' "$SUBNET" "$HOST_A" "$SUBNET" "$HOST_B"
+            printf '::ffff:%s.1 %s\n::ffff:%s.2 %s\n' "$SUBNET" "$HOST_A" "$SUBNET" "$HOST_B"
+        } >"/etc/netns/$ns/hosts"
         # name look-ups that miss the hosts file (c10d asks for the names of its peers' addresses) go to
         # the namespace's own loopback, where nothing answers: never to the machine's DNS server
         printf 'nameserver 127.0.0.1\noptions timeout:1 attempts:1\n' >"/etc/netns/$ns/resolv.conf"
@@ -178,12 +183,13 @@ start_on() {
 up() {
     preflight
     down
+    rm -rf "$DIR"  # a fresh cluster: no job ids, state or logs of an earlier one
     mkdir -p "$DIR"
     ensure_munge
     network
     config
     log "slurmctld on $HOST_A ($SUBNET.1:$CTLD_PORT)"
-    start_on "$NS_A" "$HOST_A" slurmctld -f "$CONF" -i || { tail -20 "$DIR/slurmctld.log" >&2 || true; die "slurmctld failed"; }
+    start_on "$NS_A" "$HOST_A" slurmctld -f "$CONF" -c || { tail -20 "$DIR/slurmctld.log" >&2 || true; die "slurmctld failed"; }
     for _ in $(seq 100); do in_ns "$NS_A" scontrol ping 2>/dev/null | grep -q UP && break; sleep 0.2; done
     in_ns "$NS_A" scontrol ping | grep -q UP || { tail -20 "$DIR/slurmctld.log" >&2 || true; die "slurmctld is not answering"; }
     start_on "$NS_A" "$HOST_A" slurmd -f "$CONF" -N "$HOST_A" || die "slurmd on $HOST_A failed; see $DIR/slurmd-$HOST_A.log"

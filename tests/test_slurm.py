@@ -175,6 +175,15 @@ def test_runjob_requeues_after_time_limit_signal(slurm, tmp_path):
     assert port == 20000 + int(job) % 10000, text
 
 
+def test_runjob_refuses_a_rendezvous_port_in_the_ephemeral_range(tmp_path):
+    """No cluster needed: the check runs before anything starts, and the error names the value and the fix."""
+    low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    out = subprocess.run(["bash", str(RUNJOB)], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "MASTER_PORT": str(low + 1), "TRAIN_SCRIPT": "/nonexistent.py"})
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert f"MASTER_PORT={low + 1} is inside the ephemeral port range {low}-{high}" in out.stderr, out.stderr
+
+
 def run_train_job(tmp_path: Path, overrides: list[str], name: str) -> str:
     """sbatch runjob_SLURM.sh (2 workers: a loader rank and a model rank), wait for the end, return its log."""
     job = sbatch([f"--job-name={name}", "--gres=gpu:2", "--cpus-per-task=2", "--time=10",
