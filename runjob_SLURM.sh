@@ -9,24 +9,55 @@
 # command-line options to sbatch override them (--nodes, --time, --gres, --partition, ...).
 #
 # Environment knobs (read by this script; pass with `VAR=... sbatch` or `sbatch --export=ALL,VAR=...`):
-#   CONFIG           preset name in configs/ or a YAML path                     (sd3_256)
-#   NPROC_PER_NODE   workers per node        (GPUs SLURM gave this node: $SLURM_GPUS_ON_NODE, else 1)
-#   PYTHON           interpreter             (.venv/bin/python if the repository has one, else python3)
-#   TRAIN_SCRIPT     training entry point                                        (src/train.py)
-#   MASTER_PORT      rendezvous port on the first node           (20000 + job id % 20000)
-#   SHUTDOWN_TIMEOUT seconds torchrun gives workers to save and exit after SIGTERM before SIGKILL
-#                    (240; keep it below the --signal lead time, 300 s)
+#   CONFIG            preset name in configs/ or a YAML path                    (sd3_256)
+#   NPROC_PER_NODE    workers per node       (GPUs SLURM gave this node: $SLURM_GPUS_ON_NODE, else 1)
+#   PYTHON            interpreter            (.venv/bin/python if the repository has one, else python3)
+#   TRAIN_SCRIPT      training entry point                                       (src/train.py)
+#   MASTER_PORT       c10d rendezvous port on the first node   (20000 + job id % 10000: 20000-29999)
+#                     Linux takes the local ends of outgoing connections from the ephemeral range
+#                     (net.ipv4.ip_local_port_range, 32768-60999 by default): a listening port inside it
+#                     may already be in use by some connection, and the rendezvous then fails at random.
+#                     A port inside the first node's range is refused with an error.
+#   SOCKET_IFNAME     network interface for gloo (the loader -> model data path: a full mesh across
+#                     nodes) and for NCCL's sockets; exported on every node as GLOO_SOCKET_IFNAME and
+#                     NCCL_SOCKET_IFNAME, unless those two are set themselves (then they win). Default,
+#                     worked out on each node: the interface that routes to MASTER_ADDR (`ip route get`;
+#                     on the first node the interface that carries that address, not lo). Set it when the
+#                     nodes have several networks and the fast one is not the one the hostname resolves to.
+#   SHUTDOWN_TIMEOUT  seconds torchrun gives its workers after torchrun itself got SIGTERM, before it
+#                     SIGKILLs them (240; read only by torch with `--shutdown-timeout`: see SIGTERM below)
 #   REQUEUE_ON_SIGNAL 1: requeue the job after the time-limit signal (1)
 #
-# Preemption / time limit. `--signal=B:USR1@300` makes SLURM send USR1 to this batch shell 300 s
-# before the time limit. The trap below then sends SIGTERM to the job's steps with
-# `scancel --signal=TERM` (every process of the step gets it: torchrun and its workers); torchrun's
-# agent also forwards SIGTERM to its workers and SIGKILLs them SHUTDOWN_TIMEOUT s later. The trainer must treat
-# SIGTERM as "stop at the next step boundary, save a checkpoint, exit" (all ranks agree on stopping with
-# a collective, so no rank is left waiting). When the step has ended this script runs
-# `scontrol requeue $SLURM_JOB_ID`; the requeued job (same id, SLURM_RESTART_COUNT > 0, same arguments)
-# adds `train.resume=auto` and continues from the newest complete checkpoint in the run directory.
-# A plain `scancel` (SIGTERM to everything) also lets the trainer save, but does not requeue.
+# Time limit (how week-long runs are chained). `--signal=B:USR1@300` makes SLURM send USR1 to this batch
+# shell (B:) 300 s before the time limit. The trap below forwards it as `scancel --signal=USR1 <job>`:
+# slurmd delivers USR1 to every process of the job's steps on every node, torchrun and its workers.
+# torchrun has no USR1 handler (its default action, terminate, would kill the agent and with it the
+# workers), so each node's torchrun is started through a wrapper that sets USR1 to *ignored* and then
+# execs it: an ignored disposition survives exec, so torchrun ignores USR1 (and so do its workers until
+# they install their own handler: src/mmdit/train/runtime.py, where SIGUSR1 and SIGTERM both mean "stop
+# at a step boundary, checkpoint, exit 0"). torchrun never starts its own SIGTERM -> SIGKILL shutdown:
+# the workers have the whole 300 s for the last step and the save on every torch version, and torchrun
+# exits 0 after them. This script then runs `scontrol requeue $SLURM_JOB_ID`; the requeued job (same id,
+# SLURM_RESTART_COUNT > 0, same arguments) adds `train.resume=auto` and continues from the newest
+# complete checkpoint. Keep the `B:`: without it SLURM signals the steps itself (they still save) but
+# this shell never hears of it and does not requeue. A USR1 that comes while the workers are still
+# starting up (before their handler exists) is lost: do not start a job within 300 s of its end.
+#
+# SIGTERM (plain `scancel`, preemption): SLURM sends SIGTERM to every process of the job, and SIGKILL
+# after KillWait (scancel) or the partition's GraceTime (preemption). The workers begin their stop at
+# once. torchrun handles SIGTERM on every version (SIGTERM, SIGINT, SIGHUP, SIGQUIT raise a
+# SignalException in the agent): it sends SIGTERM to the workers, SIGKILLs them after a timeout, and
+# exits non-zero (torch/distributed/elastic/agent/server/api.py, SimpleElasticAgent.run -> _shutdown;
+# read in the sources of torch 2.4.0 and of the 2.13 installed here):
+#   - torch 2.4 and the releases before pytorch PR #172596 (merged March 2026): the timeout is a
+#     hard-coded 30 s (PContext.close(death_sig, timeout=30)), too short to save a 1B model with its
+#     optimizer state (~19 GB); the handled signals are hard-coded too (no USR1);
+#   - newer torch (2.13 here): `--shutdown-timeout`, read from PET_SHUTDOWN_TIMEOUT or
+#     TORCH_ELASTIC_SHUTDOWN_TIMEOUT, both exported here from SHUTDOWN_TIMEOUT (old torch ignores them);
+#     the handled signals come from TORCHELASTIC_SIGNALS_TO_HANDLE (default SIGTERM,SIGINT,SIGHUP,SIGQUIT:
+#     do not add SIGUSR1 to it, or torchrun would turn the time-limit USR1 into its own shutdown).
+# So on old torch a SIGTERM leaves min(30 s, SLURM's grace) for the save; the time-limit path above does
+# not depend on the torch version. A plain `scancel` does not requeue.
 # To start a new stage from a previous one, use `train.init_from=<step dir>` (weights only): on a
 # requeue, `train.resume=auto` wins over a `train.resume=<path>` given as an argument.
 #
@@ -64,12 +95,21 @@ if [ -n "${SLURM_JOB_NODELIST:-}" ]; then
 else
     MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 fi
-MASTER_PORT=${MASTER_PORT:-$((20000 + JOB_ID % 20000))}
+MASTER_PORT=${MASTER_PORT:-$((20000 + JOB_ID % 10000))}
+if read -r eph_lo eph_hi </proc/sys/net/ipv4/ip_local_port_range 2>/dev/null \
+        && [ "$MASTER_PORT" -ge "$eph_lo" ] && [ "$MASTER_PORT" -le "$eph_hi" ]; then
+    echo "[runjob] ERROR: MASTER_PORT=$MASTER_PORT is inside the ephemeral port range $eph_lo-$eph_hi" \
+         "(net.ipv4.ip_local_port_range) of $(hostname); unset it or pick one below $eph_lo," \
+         "e.g. MASTER_PORT=$((20000 + JOB_ID % 10000))" >&2
+    exit 2
+fi
 SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-240}
 REQUEUE_ON_SIGNAL=${REQUEUE_ON_SIGNAL:-1}
 RESTARTS=${SLURM_RESTART_COUNT:-0}
+export MASTER_ADDR MASTER_PORT  # read by node_main on every node (srun passes the environment on)
+[ -z "${SOCKET_IFNAME:-}" ] || export SOCKET_IFNAME
 
-# torchrun reads these (PET_* = its own options; older torch ignores unknown ones)
+# torchrun reads these (PET_* = its own options; torch without --shutdown-timeout ignores both)
 export PET_SHUTDOWN_TIMEOUT=$SHUTDOWN_TIMEOUT TORCH_ELASTIC_SHUTDOWN_TIMEOUT=$SHUTDOWN_TIMEOUT
 if [ -z "${OMP_NUM_THREADS:-}" ]; then  # the node's CPUs shared among its workers
     OMP_NUM_THREADS=$(( ${SLURM_CPUS_PER_TASK:-$NPROC_PER_NODE} / NPROC_PER_NODE ))
@@ -88,6 +128,36 @@ launch=("$PYTHON" -m torch.distributed.run
     --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="$JOB_ID"
     "$TRAIN_SCRIPT" "${args[@]}")
 
+# ---------------------------------------------------------------- on each node (srun task)
+# The interface that reaches $1 from this node: `ip route get`; when $1 is this node's own address the
+# route is `local ... dev lo`, and the interface that carries the address is what the other nodes reach.
+route_ifname() {
+    local addr dev
+    addr=$(getent ahostsv4 "$1" 2>/dev/null | awk 'NR == 1 {print $1}')
+    [ -n "$addr" ] || return 0
+    dev=$(ip -o route get "$addr" 2>/dev/null | sed -n 's/.* dev \([^ ]*\).*/\1/p' | head -n1)
+    if [ "$dev" = lo ]; then
+        dev=$(ip -o -4 addr show 2>/dev/null | awk -v a="$addr" '{split($4, p, "/"); if (p[1] == a) print $2}' | head -n1)
+    fi
+    echo "$dev"
+}
+# Runs as the srun task on every node: set the socket interfaces, ignore USR1, exec torchrun ("$@").
+node_main() {
+    local ifname=${SOCKET_IFNAME:-}
+    if [ -z "$ifname" ] && { [ -z "${GLOO_SOCKET_IFNAME:-}" ] || [ -z "${NCCL_SOCKET_IFNAME:-}" ]; }; then
+        if command -v ip >/dev/null 2>&1; then ifname=$(route_ifname "$MASTER_ADDR"); fi
+        [ -n "$ifname" ] || echo "[runjob] $(hostname): no route to MASTER_ADDR=$MASTER_ADDR found;" \
+            "GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME left to torch's defaults (set SOCKET_IFNAME=<interface>)" >&2
+    fi
+    if [ -n "$ifname" ]; then
+        export GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-$ifname} NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-$ifname}
+    fi
+    echo "[runjob] $(hostname): GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-} NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-}"
+    trap '' USR1  # ignored survives exec: torchrun ignores USR1, the workers install their own handler
+    exec "$@"
+}
+node_cmd=(bash -c "$(declare -f route_ifname node_main); node_main \"\$@\"" node_main "${launch[@]}")
+
 echo "[runjob] $(date -Is) job=$JOB_ID restart=$RESTARTS nodes=$NNODES (${SLURM_JOB_NODELIST:-local})" \
      "nproc_per_node=$NPROC_PER_NODE master=$MASTER_ADDR:$MASTER_PORT python=$PYTHON"
 echo "[runjob] ${launch[*]}"
@@ -96,13 +166,14 @@ signalled=0
 # shellcheck disable=SC2317  # (trap handlers)
 on_usr1() {
     signalled=1
-    echo "[runjob] $(date -Is) USR1: time limit near; SIGTERM to the training step (checkpoint and exit)"
+    echo "[runjob] $(date -Is) USR1: time limit near; USR1 to the training step (checkpoint and exit)"
     if [ -n "${SLURM_JOB_ID:-}" ]; then
-        # signal the job's steps (not this shell). Not `kill -TERM <srun>`: srun answers SIGTERM by
-        # cancelling the step (SIGKILL after a short grace), which gives no time to save.
-        scancel --signal=TERM "$SLURM_JOB_ID" || true
+        # every process of the job's steps, not this shell. Not `kill <srun>`: srun answers SIGTERM/SIGINT
+        # by cancelling the step (SIGKILL after a short grace), which gives no time to save.
+        scancel --signal=USR1 "$SLURM_JOB_ID" || true
     elif [ -n "${step_pid:-}" ]; then
-        kill -TERM "$step_pid" 2>/dev/null || true
+        # outside SLURM: torchrun ignores USR1 (see node_main), so signal its workers, as slurmd would
+        pkill -USR1 -P "$step_pid" 2>/dev/null || true
     fi
 }
 # shellcheck disable=SC2317
@@ -117,9 +188,9 @@ if [ -n "${SLURM_JOB_ID:-}" ]; then
     # since Slurm 22.05 srun no longer inherits --cpus-per-task from sbatch: pass it on explicitly
     srun_opts=(--kill-on-bad-exit=1 --nodes="$NNODES" --ntasks-per-node=1)
     [ -n "${SLURM_CPUS_PER_TASK:-}" ] && srun_opts+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
-    srun "${srun_opts[@]}" "${launch[@]}" &
+    srun "${srun_opts[@]}" "${node_cmd[@]}" &
 else
-    "${launch[@]}" &
+    "${node_cmd[@]}" &
 fi
 step_pid=$!
 

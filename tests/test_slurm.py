@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -99,15 +100,17 @@ def test_slurm_runs_a_job(slurm, tmp_path):
 
 
 FAKE_TRAINER = textwrap.dedent('''
-    """Stands in for src/train.py: records its environment; on SIGTERM "saves" and exits 0."""
+    """Stands in for src/train.py: records its environment; on SIGUSR1 or SIGTERM "saves" and exits 0."""
     import json, os, signal, sys, time
     out = os.environ["FAKE_OUT"]
     restart = "train.resume=auto" in sys.argv
     tag = ("resumed" if restart else "first") + "-rank" + os.environ["RANK"]
     stop = []
-    signal.signal(signal.SIGTERM, lambda sig, frame: stop.append(sig))
-    info = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "OMP_NUM_THREADS",
-                                           "SLURM_RESTART_COUNT")}
+    for s in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, lambda sig, frame: stop.append(sig))
+    info = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
+                                           "OMP_NUM_THREADS", "SLURM_RESTART_COUNT", "GLOO_SOCKET_IFNAME",
+                                           "NCCL_SOCKET_IFNAME")}
     info["argv"] = sys.argv[1:]
     with open(f"{out}/{tag}.started", "w") as f:
         json.dump(info, f)
@@ -118,14 +121,15 @@ FAKE_TRAINER = textwrap.dedent('''
         time.sleep(0.05)
     time.sleep(1.0)  # "writing the checkpoint"
     with open(f"{out}/{tag}.saved", "w") as f:
-        f.write("ok" if stop else "no signal")
+        f.write(signal.Signals(stop[0]).name if stop else "no signal")
     sys.exit(0 if stop else 1)
 ''')
 
 
 def test_runjob_requeues_after_time_limit_signal(slurm, tmp_path):
-    """runjob_SLURM.sh: torchrun over srun, overrides passed through; the time-limit USR1 makes the
-    trainer get SIGTERM (and time to save), then the job is requeued and resumes with train.resume=auto."""
+    """runjob_SLURM.sh: torchrun over srun, overrides passed through; the time-limit USR1 reaches the
+    trainer workers (torchrun ignores it, so it neither dies nor SIGKILLs them: they get time to save and
+    exit 0), then the job is requeued and resumes with train.resume=auto."""
     trainer = tmp_path / "fake_train.py"
     trainer.write_text(FAKE_TRAINER)
     env = {"TRAIN_SCRIPT": str(trainer), "NPROC_PER_NODE": "2", "CONFIG": "tiny", "FAKE_OUT": str(tmp_path),
@@ -159,11 +163,25 @@ def test_runjob_requeues_after_time_limit_signal(slurm, tmp_path):
         first = json.loads((tmp_path / f"first-rank{rank}.started").read_text())
         assert first["WORLD_SIZE"] == "2" and first["LOCAL_RANK"] == str(rank), first
         assert first["argv"] == ["--config", "tiny", "train.lr=1e-3"], first
-        assert (tmp_path / f"first-rank{rank}.saved").read_text() == "ok", text
+        assert (tmp_path / f"first-rank{rank}.saved").read_text() == "SIGUSR1", text
+        # the socket interface is the one that reaches MASTER_ADDR (the node itself here: loopback)
+        assert first["GLOO_SOCKET_IFNAME"] and first["GLOO_SOCKET_IFNAME"] == first["NCCL_SOCKET_IFNAME"], first
         resumed = json.loads((tmp_path / f"resumed-rank{rank}.started").read_text())
         assert resumed["argv"] == ["--config", "tiny", "train.lr=1e-3", "train.resume=auto"], resumed
         assert resumed["SLURM_RESTART_COUNT"] == "1", resumed
     assert "requeueing job" in text, text
+    # the rendezvous port lies below the ephemeral range (32768-60999 on Linux by default)
+    port = int(re.search(r"master=\S+:(\d+)", text).group(1))
+    assert port == 20000 + int(job) % 10000, text
+
+
+def test_runjob_refuses_a_rendezvous_port_in_the_ephemeral_range(tmp_path):
+    """No cluster needed: the check runs before anything starts, and the error names the value and the fix."""
+    low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    out = subprocess.run(["bash", str(RUNJOB)], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "MASTER_PORT": str(low + 1), "TRAIN_SCRIPT": "/nonexistent.py"})
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert f"MASTER_PORT={low + 1} is inside the ephemeral port range {low}-{high}" in out.stderr, out.stderr
 
 
 def run_train_job(tmp_path: Path, overrides: list[str], name: str) -> str:
