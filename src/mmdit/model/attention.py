@@ -4,8 +4,9 @@ Each backend turns the key mask into its own mask argument once per forward (``p
 mask, a FlexAttention BlockMask, flash-attn's cumulative lengths), so no block builds masks or syncs with
 the host. ``auto`` (the default) decides once per forward in :func:`plan_attention`: SDPA without a mask when
 no text is padded (flash kernels), FlexAttention when it is on CUDA, masked SDPA on the CPU (which has no
-FlexAttention backward). ``flex`` forces FlexAttention. ``sdpa`` goes through ``torch.nn.functional.scaled_dot_product_attention`` (flash / cuDNN / memory-efficient
-kernels on CUDA); ``naive`` is the readable reference; ``flash_attn`` and ``xformers`` use those packages
+FlexAttention backward). ``flex`` forces FlexAttention. ``sdpa`` goes through
+``torch.nn.functional.scaled_dot_product_attention`` (flash / cuDNN / memory-efficient kernels on CUDA, but
+not flash with a mask); ``naive`` is the readable reference; ``flash_attn`` and ``xformers`` use those packages
 when installed; ``cosine`` is linear attention with L2-normalised queries and keys.
 """
 
