@@ -9,6 +9,7 @@ place, so parameter names, state dicts and checkpoints are unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Optional
 
 import torch
@@ -33,7 +34,7 @@ def compile_enabled(setting: Optional[bool], device: torch.device | str) -> bool
     return torch.device(device).type == "cuda" if setting is None else bool(setting)
 
 
-def compile_blocks(model: nn.Module, backend: str = "inductor", mode: Optional[str] = None) -> nn.Module:
+def compile_blocks(model: nn.Module, backend: str | Callable = "inductor", mode: Optional[str] = None) -> nn.Module:
     """Compile every JointBlock of ``model`` in place (fullgraph) and return the model.
 
     The model is told (``blocks_compiled``) so that it hands the blocks real RoPE angles: complex rotors,
