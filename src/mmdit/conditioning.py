@@ -42,15 +42,15 @@ class TextCondition:
     def keep(self, keep: Tensor) -> TextCondition:
         """Drop encoders per sample: ``keep`` is [B, num_encoders] bool (last column = pooled, if any).
 
-        Dropped (and padded) slots are zeroed with ``torch.where``, not multiplied by 0: an fp16 encoder can
-        leave a NaN there, and NaN x 0 is NaN, which attention's P.V would spread to every output.
+        Dropped tokens are zeroed with ``torch.where``, not multiplied by 0: an fp16 encoder can leave a NaN
+        there, and NaN x 0 is NaN, which attention's P.V would spread to every output. Kept rows are returned
+        as they are (padded slots are zeroed where the model reads them, in the ConditionEmbedder).
         """
         tokens, masks = [], []
         for i, (tok, mask) in enumerate(zip(self.tokens, self.masks)):
             k = keep[:, i].to(tok.device)
-            kept = mask & k[:, None]
-            tokens.append(torch.where(kept[..., None], tok, torch.zeros((), dtype=tok.dtype, device=tok.device)))
-            masks.append(kept)
+            tokens.append(torch.where(k[:, None, None], tok, torch.zeros((), dtype=tok.dtype, device=tok.device)))
+            masks.append(mask & k[:, None])
         pooled = None
         if self.pooled is not None:
             k = keep[:, -1].to(self.pooled.device)[:, None]
