@@ -4,6 +4,7 @@
     python bench/model_step.py --threads 0 --profile # all cores (an idle machine), and where our time goes
     python bench/model_step.py --depth 6 --steps 10
     python bench/model_step.py --device cuda --depth 19 --batch 32 --text_tokens 256   # bf16 on a GPU
+    python bench/model_step.py --padded --compile    # padded captions (trimmed), regionally compiled blocks
 
 One step = zero_grad, forward, MSE loss, backward, AdamW step, on fixed random inputs. The models are built
 to the same width (64 x depth), depth, heads (depth, head_dim 64), patch 2, 16 latent channels, 32x32 latent
@@ -23,14 +24,20 @@ What is and is not the same (printed again in the output):
 * Text input: ours RMSNorm + learnable scale + Linear per encoder; diffusers one Linear (context_embedder).
 * Conditioning: both Linear-SiLU-Linear on 256 sinusoidal time features plus Linear-SiLU-Linear on pooled.
 * Attention: both one SDPA over concatenated text + image tokens, no padding (ours gets an all-true mask,
-  which it drops).
+  which it drops). With ``--padded``, captions have realistic lengths (``bench/captions.py``) and the batch is
+  trimmed to its longest caption rounded up to 16, as the loader does; ours masks the padding
+  (``model.attention=auto``: masked SDPA on the CPU, FlexAttention on CUDA), diffusers has no text mask and
+  attends to the same trimmed tokens unmasked (same FLOPs, wrong answer).
+* ``--compile``: ours compiles each joint block (``mmdit.model.policy.compile_blocks``, the CUDA default of
+  ``train.compile``); diffusers compiles each of its transformer blocks the same way.
 * Last block: both text streams are "pre-only" (keys/values only, no out-projection or MLP).
 
 After the timings it prints the floor: the achieved FLOP/s of our (gelu) step by
 ``mmdit.model.flops.train_flops_per_image`` against the best FLOP/s of ``torch.mm`` at our MLP's shapes,
 [(image+text tokens) x batch, hidden] x [hidden, 4 hidden], on this CPU.
 
-The LAST line is ``ratio=<ours-gelu median / diffusers median>`` (< 1: ours is faster).
+The last two lines are ``floor=<step time at the matmul peak / ours-gelu median>`` (1 = our step runs at
+the matmul rate of this machine) and ``ratio=<ours-gelu median / diffusers median>`` (< 1: ours is faster).
 """
 
 from __future__ import annotations
@@ -50,12 +57,16 @@ from mmdit.conditioning import TextCondition  # noqa: E402
 from mmdit.config import ModelConfig  # noqa: E402
 from mmdit.model import MMDiT  # noqa: E402
 from mmdit.model.flops import train_flops_per_image  # noqa: E402
+from mmdit.model.policy import compile_blocks  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from captions import padded_condition  # noqa: E402
 
 
 def our_config(args, mlp_type: str) -> ModelConfig:
     side = args.latent * 8  # pixels through the 16-channel, factor-8 VAE
     return ModelConfig(depth=args.depth, hidden_size=64 * args.depth, num_heads=args.depth, mlp_ratio=4.0,
-                       mlp_type=mlp_type, patch_size=2, in_channels=16, attention="sdpa", pos_encoding=args.pos,
+                       mlp_type=mlp_type, patch_size=2, in_channels=16, attention="auto", pos_encoding=args.pos,
                        qk_norm=True, text_dims=[args.text_dim], pooled_dim=args.pooled_dim, latent_factor=8,
                        max_res=side, max_res_orig=side)
 
@@ -173,7 +184,9 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=7, help="timed steps per model (median is reported)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--no_swiglu", action="store_true", help="skip our SwiGLU variant (shorter run)")
-    p.add_argument("--compile", action="store_true", help="torch.compile every model (ours and diffusers alike)")
+    p.add_argument("--compile", action="store_true", help="compile every model's blocks (ours and diffusers alike)")
+    p.add_argument("--padded", action="store_true", help="realistic caption lengths up to --text_tokens, the batch "
+                   "trimmed to its longest caption (rounded up to 16)")
     p.add_argument("--profile", action="store_true", help="also print where our (gelu) step spends its time")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="compute dtype (default: fp32 on CPU, "
@@ -194,7 +207,12 @@ def main(argv=None) -> None:
     t = torch.rand(b, generator=g).to(device)
     text = torch.randn(b, args.text_tokens, args.text_dim, generator=g).to(device)
     pooled = torch.randn(b, args.pooled_dim, generator=g).to(device)
-    cond = TextCondition([text], [torch.ones(b, args.text_tokens, dtype=torch.bool, device=device)], pooled)
+    if args.padded:
+        cond = padded_condition([text], pooled, g)
+        text = cond.tokens[0]
+    else:
+        cond = TextCondition([text], [torch.ones(b, args.text_tokens, dtype=torch.bool, device=device)], pooled)
+    text_tokens = text.shape[1]  # trimmed with --padded
 
     runners = []
     cfgs = {}
@@ -204,21 +222,24 @@ def main(argv=None) -> None:
         ours = MMDiT(cfgs[mlp])
         perturb_(ours, 1)
         ours.to(device)
-        run_ours = torch.compile(ours) if args.compile else ours
-        runners.append(Runner(f"ours-{mlp}", ours, lambda m=run_ours: m(x, t, cond), dtype))
+        if args.compile:
+            compile_blocks(ours)
+        runners.append(Runner(f"ours-{mlp}", ours, lambda m=ours: m(x, t, cond), dtype))
         if mlp == "gelu":
             torch.manual_seed(0)
             theirs = diffusers_model(args)
             perturb_(theirs, 2)
             theirs.to(device)
-            run_theirs = torch.compile(theirs) if args.compile else theirs
-            runners.append(Runner("diffusers", theirs, lambda m=run_theirs: m(
+            if args.compile:
+                for block in theirs.transformer_blocks:
+                    block.compile()
+            runners.append(Runner("diffusers", theirs, lambda m=theirs: m(
                 hidden_states=x, encoder_hidden_states=text, pooled_projections=pooled, timestep=t * 1000,
                 return_dict=False)[0], dtype))
 
     image_tokens = (lat // 2) ** 2
     # the floor's matmul: our MLP's up-projection over all tokens of the batch
-    peak = MatmulPeak((image_tokens + args.text_tokens) * b, hidden, 4 * hidden, device, dtype)
+    peak = MatmulPeak((image_tokens + text_tokens) * b, hidden, 4 * hidden, device, dtype)
     for i in range(args.warmup + args.steps):
         for r in runners:
             dt = r.step(target)
@@ -228,10 +249,11 @@ def main(argv=None) -> None:
 
     med = {r.name: statistics.median(r.times) for r in runners}
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU threads={torch.get_num_threads()}"
-    where += ", torch.compile" if args.compile else ""
+    where += ", compiled blocks" if args.compile else ""
+    where += f", padded captions (trimmed to {text_tokens})" if args.padded else ""
     print(f"MMDiT train step (fwd + bwd + AdamW), {where}, {str(dtype)[6:]}: depth={args.depth} "
           f"hidden={hidden} heads={args.depth} head_dim=64 patch=2 latent=16x{lat}x{lat} "
-          f"tokens={image_tokens}+{args.text_tokens} batch={b} text_dim={args.text_dim} pooled={args.pooled_dim}")
+          f"tokens={image_tokens}+{text_tokens} batch={b} text_dim={args.text_dim} pooled={args.pooled_dim}")
     print(f"{'model':<12} {'params':>10} {'median s':>9} {'min s':>7} {'max s':>7} {'img/s':>7}   "
           f"median fwd / bwd / AdamW s   ({args.steps} steps)")
     for r in runners:
@@ -243,19 +265,23 @@ def main(argv=None) -> None:
           "ours-swiglu = 3-matrix SwiGLU (1.5x MLP FLOPs, our default)")
 
     # the floor: what fraction of this CPU's matmul rate our step reaches by the FLOP model
-    m, k, n = (image_tokens + args.text_tokens) * b, hidden, 4 * hidden
+    m, k, n = (image_tokens + text_tokens) * b, hidden, 4 * hidden
     print(f"matmul peak: torch.mm [{m}, {k}] x [{k}, {n}] = {peak.flops_per_s / 1e9:.1f} GFLOP/s "
           f"{str(dtype)[6:]} (best of {peak.calls}, sampled between the steps)")
+    floor = {}
     for mlp, cfg in cfgs.items():
-        flops = train_flops_per_image(cfg, lat * 8, lat * 8, text_tokens=args.text_tokens) * b
+        flops = train_flops_per_image(cfg, lat * 8, lat * 8, text_tokens=text_tokens) * b
         achieved = flops / med[f"ours-{mlp}"]
+        floor[mlp] = flops / peak.flops_per_s / med[f"ours-{mlp}"]
         print(f"floor ours-{mlp}: {flops / 1e9:.2f} GFLOP/step (flops.train_flops_per_image x batch) -> "
               f"{achieved / 1e9:.1f} GFLOP/s achieved = {achieved / peak.flops_per_s:.2f} of the matmul peak; "
               f"step at the peak {flops / peak.flops_per_s:.3f} s")
     if args.profile:
         profile_step(runners[0], target)
     if "ours-swiglu" in med:
-        print(f"ours-swiglu / diffusers = {med['ours-swiglu'] / med['diffusers']:.3f}")
+        print(f"ours-swiglu / diffusers = {med['ours-swiglu'] / med['diffusers']:.3f}; "
+              f"ours-swiglu / matmul floor = {floor['swiglu']:.3f}")
+    print(f"floor={floor['gelu']:.3f}")
     print(f"ratio={med['ours-gelu'] / med['diffusers']:.3f}")
 
 

@@ -40,16 +40,32 @@ class TextCondition:
         )
 
     def keep(self, keep: Tensor) -> TextCondition:
-        """Drop encoders per sample: ``keep`` is [B, num_encoders] bool (last column = pooled, if any)."""
+        """Drop encoders per sample: ``keep`` is [B, num_encoders] bool (last column = pooled, if any).
+
+        Dropped tokens are zeroed with ``torch.where``, not multiplied by 0: an fp16 encoder can leave a NaN
+        there, and NaN x 0 is NaN, which attention's P.V would spread to every output. Kept rows are returned
+        as they are (padded slots are zeroed where the model reads them, in the ConditionEmbedder).
+        """
         tokens, masks = [], []
         for i, (tok, mask) in enumerate(zip(self.tokens, self.masks)):
             k = keep[:, i].to(tok.device)
-            tokens.append(tok * k[:, None, None].to(tok.dtype))
+            tokens.append(torch.where(k[:, None, None], tok, torch.zeros((), dtype=tok.dtype, device=tok.device)))
             masks.append(mask & k[:, None])
         pooled = None
         if self.pooled is not None:
-            pooled = self.pooled * keep[:, -1].to(self.pooled.device)[:, None].to(self.pooled.dtype)
+            k = keep[:, -1].to(self.pooled.device)[:, None]
+            pooled = torch.where(k, self.pooled, torch.zeros((), dtype=self.pooled.dtype, device=self.pooled.device))
         return TextCondition(tokens, masks, pooled)
+
+    def trimmed(self, multiple: int = 16) -> TextCondition:
+        """Each encoder's tokens cut to the batch's longest caption, rounded up to ``multiple`` (at most the
+        padded length): the model then computes (and the loader sends) no all-padding columns.
+
+        Call it where the masks live on the CPU (the loader): finding the longest caption reads them.
+        """
+        lengths = [trimmed_length(mask, multiple) for mask in self.masks]
+        return TextCondition([tok[:, :n] for tok, n in zip(self.tokens, lengths)],
+                             [mask[:, :n] for mask, n in zip(self.masks, lengths)], self.pooled)
 
     def dropped(self) -> TextCondition:
         """The unconditional condition: every encoder dropped for every sample."""
@@ -64,3 +80,13 @@ class TextCondition:
             masks=[torch.cat([p.masks[i] for p in parts]) for i in range(len(parts[0].masks))],
             pooled=pooled,
         )
+
+
+def trimmed_length(mask: Tensor, multiple: int = 16) -> int:
+    """Columns to keep of a [B, L] token mask: one past its last real token in any row, rounded up to
+    ``multiple`` and capped at L. Masks need not be prefixes; a batch with no real token keeps ``multiple``."""
+    if multiple <= 0:
+        raise ValueError(f"multiple={multiple} must be > 0 (16 keeps tensor-core shapes)")
+    columns = mask.any(dim=0).nonzero()
+    last = int(columns[-1]) + 1 if len(columns) else 0
+    return min(mask.shape[1], max(multiple, -(-last // multiple) * multiple))

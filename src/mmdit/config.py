@@ -39,7 +39,8 @@ def _probability(key: str, value: float) -> None:
 
 
 POS_ENCODINGS = ("RoPE2d", "RoPE", "absolute", "NoPE")
-ATTENTION_BACKENDS = ("sdpa", "naive", "flash_attn", "xformers", "cosine")
+ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "naive", "flash_attn", "xformers", "cosine")
+CHECKPOINT_POLICIES = ("none", "attention", "mlp", "attention+mlp", "full", "every_k:<k>")
 MLP_TYPES = ("swiglu", "gelu")
 
 
@@ -54,7 +55,8 @@ class ModelConfig:
     mlp_type: str = "swiglu"
     patch_size: int = 2
     in_channels: int = 16
-    attention: str = "sdpa"
+    # auto: SDPA without a mask when no text is padded, FlexAttention when padded on CUDA, masked SDPA on CPU
+    attention: str = "auto"
     pos_encoding: str = "RoPE2d"
     qk_norm: bool = True
     # widths of the token-sequence text encoders (e.g. Gemma-2-2B 2304, ModernBERT-large 1024)
@@ -67,11 +69,24 @@ class ModelConfig:
     max_res: int = 256
     max_res_orig: int = 256
     time_scale_init: float = 1000.0
+    # activation checkpointing: none | attention | mlp | attention+mlp | full | every_k:<k> (every k-th block
+    # full, from the first); checkpoint_attn / checkpoint_mlp are the older per-block aliases
+    checkpoint: str = "none"
     checkpoint_attn: bool = False
     checkpoint_mlp: bool = False
 
     def __post_init__(self) -> None:
         _positive("model.depth", self.depth)
+        policy = self.checkpoint
+        if policy.startswith("every_k:"):
+            k = policy.partition(":")[2]
+            if not k.isdigit() or int(k) < 1:
+                raise ConfigError(f"model.checkpoint={policy!r}: every_k needs a whole number k >= 1, e.g. every_k:2")
+        else:
+            _choice("model.checkpoint", policy, CHECKPOINT_POLICIES)
+        if (self.checkpoint_attn or self.checkpoint_mlp) and policy != "none":
+            raise ConfigError(f"model.checkpoint={policy!r} and model.checkpoint_attn/checkpoint_mlp are both set; "
+                              "keep model.checkpoint only (the booleans are its older aliases)")
         _choice("model.mlp_type", self.mlp_type, MLP_TYPES)
         _choice("model.attention", self.attention, ATTENTION_BACKENDS)
         _choice("model.pos_encoding", self.pos_encoding, POS_ENCODINGS)
@@ -101,6 +116,14 @@ class ModelConfig:
     def heads(self) -> int:
         """Attention heads: ``num_heads``, or depth when it is 0."""
         return self.num_heads or self.depth
+
+    @property
+    def checkpoint_policy(self) -> str:
+        """``checkpoint`` with the boolean aliases resolved (attn -> attention, mlp -> mlp, both -> attention+mlp)."""
+        if self.checkpoint_attn or self.checkpoint_mlp:
+            return {(True, False): "attention", (False, True): "mlp"}.get(
+                (self.checkpoint_attn, self.checkpoint_mlp), "attention+mlp")
+        return self.checkpoint
 
     @property
     def head_dim(self) -> int:
@@ -256,6 +279,9 @@ class TrainConfig:
     log_samples: bool = False
     # dense bf16 peak FLOP/s of one device for MFU; 0 = look the GPU up by name
     peak_flops: float = 0.0
+    # compile each JointBlock (regional, fullgraph); null = on for CUDA, off on the CPU (a cold compile there
+    # costs minutes and gains little)
+    compile: Optional[bool] = None
 
     def __post_init__(self) -> None:
         _positive("train.total_steps", self.total_steps)
@@ -280,6 +306,8 @@ class SampleConfig:
     # timestep shift for sampling (SD3 uses 3.0 at 1024 px); 1.0 = none
     shift: float = 1.0
     noise_scale: float = 1.0  # euler_stochastic only
+    # compile each JointBlock for validation and inference; null = on for CUDA, off on the CPU
+    compile: Optional[bool] = None
 
     def __post_init__(self) -> None:
         _choice("sample.sampler", self.sampler, ("euler", "heun", "euler_stochastic"))

@@ -58,6 +58,7 @@ from .checkpoint_loading import (  # noqa: F401 - re-exported: the inference API
 from .conditioning import TextCondition
 from .config import Config
 from .image_files import image_filename, image_grid, save_gif, save_images, slugify  # noqa: F401
+from .model.policy import compile_blocks, compile_enabled
 from .sampling import SAMPLERS, sample, sample_noise
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,8 @@ class Pipeline:
         self.step_dir = step_dir
         self.weights = weights
         self.last_seed: Optional[int] = None
+        if compile_enabled(cfg.sample.compile, self.device) and not getattr(model, "blocks_compiled", True):
+            compile_blocks(model)  # sample.compile: each JointBlock once, reused by every denoising step
         m = cfg.model
         if codec.latent_channels != m.in_channels or codec.latent_factor != m.latent_factor:
             raise CheckpointMismatchError(

@@ -1,7 +1,12 @@
 """Attention backends over q, k, v [B, H, N, D] with a key mask [B, N] (True = attend to this token).
 
-``sdpa`` goes through ``torch.nn.functional.scaled_dot_product_attention`` (flash / cuDNN / memory-efficient
-kernels on CUDA); ``naive`` is the readable reference; ``flash_attn`` and ``xformers`` use those packages
+Each backend turns the key mask into its own mask argument once per forward (``prepare``: a broadcast SDPA
+mask, a FlexAttention BlockMask, flash-attn's cumulative lengths), so no block builds masks or syncs with
+the host. ``auto`` (the default) decides once per forward in :func:`plan_attention`: SDPA without a mask when
+no text is padded (flash kernels), FlexAttention when it is on CUDA, masked SDPA on the CPU (which has no
+FlexAttention backward). ``flex`` forces FlexAttention. ``sdpa`` goes through
+``torch.nn.functional.scaled_dot_product_attention`` (flash / cuDNN / memory-efficient kernels on CUDA, but
+not flash with a mask); ``naive`` is the readable reference; ``flash_attn`` and ``xformers`` use those packages
 when installed; ``cosine`` is linear attention with L2-normalised queries and keys.
 """
 
@@ -10,13 +15,16 @@ from __future__ import annotations
 import importlib.util
 import math
 from collections.abc import Callable
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-AttentionFn = Callable[[Tensor, Tensor, Tensor, Optional[Tensor]], Tensor]
+from .flex import flex_attention_fn, key_padding_block_mask
+
+AttentionFn = Callable[[Tensor, Tensor, Tensor, Any], Tensor]
 
 _PACKAGE = {"flash_attn": "flash_attn", "xformers": "xformers"}
 
@@ -29,12 +37,8 @@ def naive_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor])
     return (scores.softmax(dim=-1) @ v.float()).to(q.dtype)
 
 
-def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor]) -> Tensor:
-    """PyTorch's fused attention. With no padding the mask is dropped so flash kernels stay eligible (in eager
-    mode: under torch.compile that check would break the graph, so the mask is kept)."""
-    if key_mask is not None and not torch.compiler.is_compiling() and bool(key_mask.all()):
-        key_mask = None
-    mask = None if key_mask is None else key_mask[:, None, None, :]
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """PyTorch's fused attention; ``mask`` is the [B, 1, 1, N] broadcast key mask or None (flash kernels)."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
@@ -60,21 +64,33 @@ def cosine_attention_reference(q: Tensor, k: Tensor, v: Tensor, key_mask: Option
     return (scores @ v.float() / key_mask.sum(-1)[:, None, None, None]).to(v.dtype)
 
 
-def flash_attn_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor]) -> Tensor:
+@dataclass
+class VarlenKeys:
+    """flash-attn varlen arguments for the padded keys, computed once per forward (one host sync)."""
+
+    cu_k: Tensor
+    max_k: int
+    keep: Tensor  # flat indices of the real keys in [B * N]
+
+
+def flash_attn_prepare(key_mask: Tensor, q_len: int) -> VarlenKeys:
+    lengths = key_mask.sum(dim=1, dtype=torch.int32)
+    return VarlenKeys(F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0)), int(lengths.max()),
+                      key_mask.flatten().nonzero().squeeze(1))
+
+
+def flash_attn_attention(q: Tensor, k: Tensor, v: Tensor, keys: Optional[VarlenKeys]) -> Tensor:
     """flash-attn 2: dense kernel without padding, varlen kernel over the unpadded keys otherwise."""
     from flash_attn import flash_attn_func, flash_attn_varlen_func
 
     b, h, n, d = q.shape
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # [B, N, H, D]
-    if key_mask is None or bool(key_mask.all()):
+    if keys is None:
         return flash_attn_func(qt, kt, vt).transpose(1, 2)
-    lengths = key_mask.sum(dim=1, dtype=torch.int32)
-    cu_k = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
     cu_q = torch.arange(0, (b + 1) * n, n, device=q.device, dtype=torch.int32)
-    keep = key_mask.flatten()
     out = flash_attn_varlen_func(
-        qt.reshape(b * n, h, d), kt.reshape(b * n, h, d)[keep], vt.reshape(b * n, h, d)[keep],
-        cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=n, max_seqlen_k=int(lengths.max()),
+        qt.reshape(b * n, h, d), kt.reshape(b * n, h, d)[keys.keep], vt.reshape(b * n, h, d)[keys.keep],
+        cu_seqlens_q=cu_q, cu_seqlens_k=keys.cu_k, max_seqlen_q=n, max_seqlen_k=keys.max_k,
     )
     return out.reshape(b, n, h, d).transpose(1, 2)
 
@@ -84,7 +100,7 @@ def xformers_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tenso
     import xformers.ops as xops
 
     bias = None
-    if key_mask is not None and not bool(key_mask.all()):
+    if key_mask is not None:
         b, h, n, _ = q.shape
         # xformers wants the bias's last dim padded to a multiple of 8, then sliced back
         padded = (key_mask.shape[1] + 7) // 8 * 8
@@ -97,32 +113,73 @@ def xformers_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tenso
     return out.transpose(1, 2)
 
 
-BACKENDS: dict[str, AttentionFn] = {
-    "sdpa": sdpa_attention,
-    "naive": naive_attention,
-    "cosine": cosine_attention,
-    "flash_attn": flash_attn_attention,
-    "xformers": xformers_attention,
+@dataclass(frozen=True)
+class Backend:
+    """An attention kernel and ``prepare``, which turns the key mask [B, N] (padding present) and the query
+    length into the kernel's mask argument, once per forward. Without padding the kernel gets None."""
+
+    name: str
+    attend: AttentionFn
+    prepare: Callable[[Tensor, int], Any]
+
+
+def _same(key_mask: Tensor, q_len: int) -> Tensor:
+    return key_mask
+
+
+def _broadcast(key_mask: Tensor, q_len: int) -> Tensor:
+    return key_mask[:, None, None, :]
+
+
+BACKENDS: dict[str, Backend] = {
+    "sdpa": Backend("sdpa", sdpa_attention, _broadcast),
+    "flex": Backend("flex", flex_attention_fn, key_padding_block_mask),
+    "naive": Backend("naive", naive_attention, _same),
+    "cosine": Backend("cosine", cosine_attention, _same),
+    "flash_attn": Backend("flash_attn", flash_attn_attention, flash_attn_prepare),
+    "xformers": Backend("xformers", xformers_attention, _same),
 }
+
+
+def plan_attention(name: str, key_mask: Tensor) -> tuple[AttentionFn, Any]:
+    """The kernel and its mask argument for one forward over joint tokens with ``key_mask`` [B, N].
+
+    Taken once per forward, outside the blocks: in eager mode one host sync tells whether anything is padded;
+    under torch.compile (the whole model traced) that check would break the graph, so padding is assumed.
+    """
+    padded = torch.compiler.is_compiling() or not bool(key_mask.all())
+    if name == "auto":
+        if not padded:
+            return sdpa_attention, None
+        name = "flex" if key_mask.is_cuda else "sdpa"
+    backend = BACKENDS[name]
+    return backend.attend, backend.prepare(key_mask, key_mask.shape[1]) if padded else None
 
 
 def available_backends() -> list[str]:
     """Backends whose packages are importable on this machine (flash_attn also needs CUDA)."""
-    names = ["sdpa", "naive", "cosine"]
+    names = ["auto", "sdpa", "flex", "naive", "cosine"]
     for name, package in _PACKAGE.items():
         if importlib.util.find_spec(package) is not None and (name != "flash_attn" or torch.cuda.is_available()):
             names.append(name)
     return names
 
 
-def get_attention(name: str) -> AttentionFn:
-    """Look up a backend; a missing optional package is an error that names it, never a silent fallback."""
-    if name not in BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; choose one of {sorted(BACKENDS)}")
+def check_backend(name: str) -> None:
+    """A missing optional package is an error that names it, never a silent fallback."""
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {['auto', *sorted(BACKENDS)]}")
     package = _PACKAGE.get(name)
     if package and importlib.util.find_spec(package) is None:
         raise ImportError(
             f"model.attention={name!r} needs the package '{package}', which is not installed; "
-            f"`pip install {package.replace('_', '-')}` on a CUDA machine, or use model.attention=sdpa"
+            f"`pip install {package.replace('_', '-')}` on a CUDA machine, or use model.attention=auto"
         )
+
+
+def get_attention(name: str) -> Backend:
+    """Look up a named backend (not ``auto``, which :func:`plan_attention` resolves per forward)."""
+    check_backend(name)
+    if name == "auto":
+        raise ValueError("model.attention=auto is resolved per forward by plan_attention, not looked up")
     return BACKENDS[name]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -88,38 +88,53 @@ class JointBlock(nn.Module):
     """Image and text streams with their own weights, attending jointly over the concatenated tokens.
 
     Pre-norm residuals: attention output is added to the block input, then the MLP output to that sum.
-    All adaLN projections start at zero, so a fresh block is the identity.
+    All adaLN projections start at zero, so a fresh block is the identity. ``checkpoint`` is this block's
+    activation-checkpointing policy in training: none, attention, mlp, attention+mlp or full (the whole block
+    recomputed in the backward, only its inputs kept).
     """
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float, mlp_type: str, qk_norm: bool, last: bool,
-                 attention: AttentionFn, checkpoint_attn: bool = False, checkpoint_mlp: bool = False):
+                 attention: Optional[AttentionFn] = None, checkpoint: str = "none"):
         super().__init__()
+        if checkpoint not in BLOCK_CHECKPOINTS:
+            raise ValueError(f"block checkpoint={checkpoint!r}; choose one of {BLOCK_CHECKPOINTS}")
         self.image = StreamLayers(dim, heads, mlp_ratio, mlp_type, qk_norm, pre_only=False)
         self.text = StreamLayers(dim, heads, mlp_ratio, mlp_type, qk_norm, pre_only=last)
         self.attention = attention
-        self.checkpoint_attn, self.checkpoint_mlp = checkpoint_attn, checkpoint_mlp
+        self.checkpoint = checkpoint
 
-    def _attend(self, img: Tensor, txt: Tensor, mod_img: list[Tensor], mod_txt: list[Tensor],
-                key_mask: Optional[Tensor], rope: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    def _attend(self, img: Tensor, txt: Tensor, mod_img: list[Tensor], mod_txt: list[Tensor], mask: Any,
+                rope: Optional[Tensor], attend: AttentionFn) -> tuple[Tensor, Tensor]:
         qi, ki, vi = self.image.qkv_heads(img, mod_img[0], mod_img[1])
         qt, kt, vt = self.text.qkv_heads(txt, mod_txt[0], mod_txt[1])
         if rope is not None:  # image tokens only; text tokens carry no position
             rope = rope.unsqueeze(-2)  # [N, 1, Dh/2]: the same rotation for every head
             qi, ki = apply_rotary(qi, rope), apply_rotary(ki, rope)
-        q, k, v = (torch.cat(pair, 1).transpose(1, 2) for pair in ((qt, qi), (kt, ki), (vt, vi)))  # [B, H, N, Dh]
-        out = self.attention(q, k, v, key_mask).transpose(1, 2).flatten(2)  # [B, N, dim]
+        # text first, then image: [B, H, L + N, Dh]; the key mask is laid out the same way
+        q, k, v = (torch.cat(pair, 1).transpose(1, 2) for pair in ((qt, qi), (kt, ki), (vt, vi)))
+        out = attend(q, k, v, mask).transpose(1, 2).flatten(2)  # [B, N, dim]
         out_txt, out_img = out.split([txt.shape[1], img.shape[1]], dim=1)
         return out_img, out_txt
 
-    def forward(self, img: Tensor, txt: Tensor, y: Tensor, key_mask: Optional[Tensor],
-                rope: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+    def forward(self, img: Tensor, txt: Tensor, y: Tensor, mask: Any, rope: Optional[Tensor],
+                attend: Optional[AttentionFn] = None) -> tuple[Tensor, Optional[Tensor]]:
+        """``mask`` is what ``attend`` takes (see attention.plan_attention); ``attend`` defaults to the block's."""
+        attend = attend or self.attention
+        if attend is None:
+            raise ValueError("JointBlock got no attention function: pass attend= or build it with attention=")
+        if self.checkpoint == "full" and self.training:
+            return checkpoint(self._forward, img, txt, y, mask, rope, attend, use_reentrant=False)
+        return self._forward(img, txt, y, mask, rope, attend)
+
+    def _forward(self, img: Tensor, txt: Tensor, y: Tensor, mask: Any, rope: Optional[Tensor],
+                 attend: AttentionFn) -> tuple[Tensor, Optional[Tensor]]:
         mod_img = self.image.adaLN(y).chunk(6, dim=-1)
         mod_txt = self.text.adaLN(y).chunk(2 if self.text.pre_only else 6, dim=-1)
-        if self.checkpoint_attn and self.training:
-            attn_img, attn_txt = checkpoint(self._attend, img, txt, mod_img, mod_txt, key_mask, rope,
+        if self.checkpoint in ("attention", "attention+mlp") and self.training:
+            attn_img, attn_txt = checkpoint(self._attend, img, txt, mod_img, mod_txt, mask, rope, attend,
                                             use_reentrant=False)
         else:
-            attn_img, attn_txt = self._attend(img, txt, mod_img, mod_txt, key_mask, rope)
+            attn_img, attn_txt = self._attend(img, txt, mod_img, mod_txt, mask, rope, attend)
         img = self._residual(self.image, img, attn_img, mod_img)
         txt = None if self.text.pre_only else self._residual(self.text, txt, attn_txt, mod_txt)
         return img, txt
@@ -127,8 +142,11 @@ class JointBlock(nn.Module):
     def _residual(self, stream: StreamLayers, x: Tensor, attn: Tensor, mod: list[Tensor]) -> Tensor:
         _, _, gate_attn, shift_mlp, scale_mlp, gate_mlp = mod
         x = torch.addcmul(x, gate_attn[:, None], stream.proj(attn))
-        if self.checkpoint_mlp and self.training:
+        if self.checkpoint in ("mlp", "attention+mlp") and self.training:
             mlp = checkpoint(stream.mlp_branch, x, shift_mlp, scale_mlp, use_reentrant=False)
         else:
             mlp = stream.mlp_branch(x, shift_mlp, scale_mlp)
         return torch.addcmul(x, gate_mlp[:, None], mlp)
+
+
+BLOCK_CHECKPOINTS = ("none", "attention", "mlp", "attention+mlp", "full")

@@ -87,7 +87,10 @@ class ConditionEmbedder(nn.Module):
     def forward(self, t: Tensor, cond: TextCondition) -> tuple[Tensor, Tensor, Tensor]:
         if len(cond.tokens) != len(self.text):
             raise ValueError(f"model expects {len(self.text)} text encoders, got {len(cond.tokens)}")
-        context = torch.cat([embed(tok) for embed, tok in zip(self.text, cond.tokens)], dim=1)
+        # padded / dropped slots zeroed first: a NaN there (fp16 encoders) would survive masking as 0 x NaN in P.V
+        context = torch.cat([embed(torch.where(mask[..., None], tok, torch.zeros((), dtype=tok.dtype,
+                                                                               device=tok.device)))
+                             for embed, tok, mask in zip(self.text, cond.tokens, cond.masks)], dim=1)
         mask = torch.cat(cond.masks, dim=1)
         y = self.time(t)
         if self.pooled is not None:

@@ -9,9 +9,10 @@ from torch import Tensor, nn
 
 from ..conditioning import TextCondition
 from ..config import ModelConfig
-from .attention import get_attention
+from .attention import check_backend, plan_attention
 from .blocks import JointBlock, modulate
 from .embedders import ConditionEmbedder, patchify, unpatchify
+from .policy import block_checkpoints
 from .positions import rope_angles_1d, rope_angles_2d, rope_rotors, sincos_2d
 
 ROPE_ANGLES = {"RoPE2d": rope_angles_2d, "RoPE": rope_angles_1d}
@@ -40,12 +41,14 @@ class MMDiT(nn.Module):
         dim, p = cfg.dim, cfg.patch_size
         self.patch_embed = nn.Linear(cfg.in_channels * p * p, dim)
         self.condition = ConditionEmbedder(dim, list(cfg.text_dims), cfg.pooled_dim, cfg.time_scale_init)
-        attention = get_attention(cfg.attention)
+        check_backend(cfg.attention)
+        plan = block_checkpoints(cfg.checkpoint_policy, cfg.depth)
         self.blocks = nn.ModuleList(
             JointBlock(dim, cfg.heads, cfg.mlp_ratio, cfg.mlp_type, cfg.qk_norm, last=i == cfg.depth - 1,
-                       attention=attention, checkpoint_attn=cfg.checkpoint_attn, checkpoint_mlp=cfg.checkpoint_mlp)
+                       checkpoint=plan[i])
             for i in range(cfg.depth)
         )
+        self.blocks_compiled = False  # set by policy.compile_blocks
         self.final = FinalLayer(dim, cfg.in_channels * p * p)
         self.initialize_weights()
 
@@ -93,15 +96,16 @@ class MMDiT(nn.Module):
         if self.cfg.pos_encoding == "absolute":
             pos = _cached(sincos_2d, grid_h, grid_w, self.cfg.dim, self.position_scale, x.device)
             img = img + pos.to(img.dtype)
-        txt, key_mask, y = self.condition(t, cond)
-        key_mask = torch.cat([key_mask, torch.ones(b, img.shape[1], dtype=torch.bool, device=x.device)], dim=1)
-        compiling = torch.compiler.is_compiling()
-        if not compiling and bool(key_mask.all()):  # no padding: one host sync, not one per block; mask-free kernels
-            key_mask = None
-        # under torch.compile: real angles (cos / sin, fused by the compiler) and no data-dependent branch above
-        rope = (self.rope_angles if compiling else self.rope_rotors)(grid_h, grid_w, x.device)
+        txt, text_mask, y = self.condition(t, cond)
+        # joint tokens are text first, then image; image keys are always real
+        key_mask = torch.cat([text_mask, torch.ones(b, img.shape[1], dtype=torch.bool, device=x.device)], dim=1)
+        # once per forward, outside the blocks: the kernel, and its mask (None when nothing is padded)
+        attend, mask = plan_attention(self.cfg.attention, key_mask)
+        # compiled code gets real angles (cos / sin, fused by the compiler): complex rotors do not compile
+        traced = torch.compiler.is_compiling() or self.blocks_compiled
+        rope = (self.rope_angles if traced else self.rope_rotors)(grid_h, grid_w, x.device)
         for block in self.blocks:
-            img, txt = block(img, txt, y, key_mask, rope)
+            img, txt = block(img, txt, y, mask, rope, attend)
         return unpatchify(self.final(img, y), p, c, h, w)
 
 
