@@ -88,7 +88,8 @@ class BatchProducer:
         seed = int(np.random.SeedSequence([self.cfg.data.seed, step, model_index]).generate_state(1)[0])
         generator = torch.Generator(self.device).manual_seed(seed)
         latents = self.codec.encode(images.to(self.device), generator=generator)
-        cond = self.text.encode([s.caption for s in samples])
+        # text cut to the batch's longest caption (rounded up to 16): fewer bytes on the wire, fewer FLOPs
+        cond = self.text.encode([s.caption for s in samples]).trimmed(16)
         return Batch(step, torch.from_numpy(ids.astype(np.int64)), latents, cond, corrupt)
 
     def make(self, step: int, model_index: int) -> Batch:

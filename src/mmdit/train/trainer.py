@@ -22,7 +22,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from ..config import Config, config_to_dict
 from ..flow import cfg_dropout_keep, encoder_drop_probs, flow_loss, sample_timesteps
 from ..model import MMDiT
-from ..model.flops import device_peak_flops, train_flops_per_image
+from ..model.flops import device_peak_flops, hardware_flops_per_image, train_flops_per_image
+from ..model.policy import compile_blocks, compile_enabled
 from . import checkpoint as ckpt
 from .batches import BatchProducer, build_schedule, local_source, remote_source, run_loader
 from .metrics import LossByT, MetricsLogger
@@ -101,8 +102,11 @@ class Trainer:
         self.wandb_id: str | None = None
         self.samples_seen = plan.samples_seen
         self._restore()
-        self.ddp = (DDP(self.model, process_group=rt.model_group) if rt.distributed and rt.num_model_ranks > 1
-                    else None)
+        if compile_enabled(cfg.train.compile, self.device):  # regional: each JointBlock, after the EMA copy
+            compile_blocks(self.model)
+        # gradients live in DDP's buckets (no copy); no buffers to broadcast (the model has none that train)
+        self.ddp = (DDP(self.model, process_group=rt.model_group, gradient_as_bucket_view=True,
+                        broadcast_buffers=False) if rt.distributed and rt.num_model_ranks > 1 else None)
 
     # ---------------------------------------------------------------- checkpoints
     def _restore(self) -> None:
@@ -249,7 +253,7 @@ class Trainer:
         peak = cfg.train.peak_flops or device_peak_flops()
         loss_by_t = LossByT()
         window = {"loss": torch.zeros((), device=self.device), "n": 0, "images": 0, "tokens": 0, "flops": 0.0,
-                  "wait": source.wait_s, "t": time.perf_counter()}
+                  "hw_flops": 0.0, "wait": source.wait_s, "t": time.perf_counter()}
         sample_log = None
         if cfg.train.log_samples:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -273,9 +277,10 @@ class Trainer:
                 self.samples_seen += b * rt.num_model_ranks
                 window["images"] += b
                 window["tokens"] += b * (h // cfg.model.patch_size) * (w // cfg.model.patch_size)
-                text_tokens = sum(m.shape[1] for m in batch.cond.masks)
-                window["flops"] += b * train_flops_per_image(cfg.model, h * cfg.model.latent_factor,
-                                                             w * cfg.model.latent_factor, text_tokens)
+                text_lengths = [m.shape[1] for m in batch.cond.masks]  # as trimmed by the loader
+                pixels = (h * cfg.model.latent_factor, w * cfg.model.latent_factor)
+                window["flops"] += b * train_flops_per_image(cfg.model, *pixels, text_lengths)
+                window["hw_flops"] += b * hardware_flops_per_image(cfg.model, *pixels, text_lengths)
                 micro += 1
             grad_norm, _ = self._optimizer_step()
             self.step += 1
@@ -330,8 +335,9 @@ class Trainer:
         }
         if peak:
             values["mfu"] = window["flops"] / elapsed / peak
+            values["hfu"] = window["hw_flops"] / elapsed / peak  # with the recompute of checkpointed blocks
         if self.device.type == "cuda":
             values["max_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
         logger.log(self.step, values)
-        window.update(loss=torch.zeros((), device=self.device), n=0, images=0, tokens=0, flops=0.0,
+        window.update(loss=torch.zeros((), device=self.device), n=0, images=0, tokens=0, flops=0.0, hw_flops=0.0,
                       wait=source.wait_s, t=now)
