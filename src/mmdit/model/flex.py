@@ -59,7 +59,7 @@ def flex_attention_fn(q: Tensor, k: Tensor, v: Tensor, block_mask: Optional[Bloc
     training there is an error that names the fix (CPU inference runs the dense implementation).
     """
     if q.device.type == "cpu" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
-        raise NotImplementedError(
+        raise RuntimeError(
             "model.attention=flex cannot train on the CPU: PyTorch has no FlexAttention backward there; "
             "use model.attention=auto (masked SDPA on the CPU) or sdpa"
         )
