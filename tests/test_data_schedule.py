@@ -88,6 +88,45 @@ def test_token_budget_sets_per_bucket_batch():
     assert {(b.height, b.width): b.per_rank_batch for b in big.buckets}[(32, 32)] == 1  # never below 1
 
 
+def _sd3_like_buckets() -> dict:
+    """Every bucket create_phase makes at 256 px (16 px steps, aspect up to 1:4), 300 rows each."""
+    from mmdit.data.buckets import bucket_size
+
+    sizes = {bucket_size(w, h, step=16, max_resolution=256) for w in range(64, 1025, 16) for h in range(64, 1025, 16)
+             if max(w, h) <= 4 * min(w, h)}
+    return _buckets({s: 300 for s in sorted(sizes)})
+
+
+def test_token_budget_counts_text_and_keeps_every_bucket_in_band():
+    """sd3_256's rule: 71680 tokens per model rank = 140 x (256 image + 256 text) at 256x256."""
+    from mmdit.data.buckets import bucket_tokens
+
+    budget, text = 71680, 256
+    schedule = BucketSchedule(_sd3_like_buckets(), num_model_ranks=1, batch_size=140, token_budget=budget,
+                              max_batch_size=280, patch_pixels=16, text_tokens=text)
+    assert len(schedule.buckets) > 20
+    for b in schedule.buckets:
+        per_sample = bucket_tokens(b.height, b.width, 16) + text
+        step_tokens = b.per_rank_batch * per_sample
+        # the stated band: within one sample of the budget, unless max_batch_size caps the batch
+        assert budget - per_sample < step_tokens <= budget or b.per_rank_batch == 280, (b.height, b.width)
+        assert step_tokens >= 0.9 * budget or b.per_rank_batch == 280
+    per_rank = {(b.height, b.width): b.per_rank_batch for b in schedule.buckets}
+    assert per_rank[(256, 256)] == 140
+    assert per_rank[(128, 256)] == 186  # image tokens alone would give 280: 1.5x the tokens of a square step
+    old = BucketSchedule(_sd3_like_buckets(), 1, 140, token_budget=35840, max_batch_size=280, patch_pixels=16)
+    assert {(b.height, b.width): b.per_rank_batch for b in old.buckets}[(128, 256)] == 280
+
+
+def test_max_tokens_caps_the_micro_batch_in_either_mode():
+    buckets = _buckets({(16, 16): 200, (32, 32): 200})
+    fixed = BucketSchedule(buckets, 1, batch_size=10, patch_pixels=8, text_tokens=4, max_tokens=64)
+    per_rank = {(b.height, b.width): b.per_rank_batch for b in fixed.buckets}
+    assert per_rank == {(16, 16): 8, (32, 32): 3}  # 64 // (4 + 4), 64 // (16 + 4)
+    with pytest.raises(ValueError, match="data.max_tokens=16"):
+        BucketSchedule(buckets, 1, batch_size=10, patch_pixels=8, text_tokens=4, max_tokens=16)
+
+
 def test_small_bucket_merge_repeats_its_rows():
     buckets = _buckets()
     schedule = BucketSchedule(buckets, num_model_ranks=2, batch_size=3, small_buckets="merge", seed=2)
@@ -120,7 +159,7 @@ def test_works_from_a_bucket_index():
 
 def _layout(**kw):
     base = dict(model_ranks=2, batch_size=3, token_budget=0, max_batch_size=0, small_buckets="drop", data_seed=1,
-                patch_pixels=16)
+                patch_pixels=16, text_tokens=0, max_tokens=0)
     return {**base, **kw}
 
 

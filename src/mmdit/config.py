@@ -199,10 +199,13 @@ class DataConfig:
     # probability of the first caption column (the rest share the remainder)
     first_caption_prob: float = 0.8
     random_flip: bool = False
-    # per-model-rank batch size; if token_budget > 0, the batch per bucket is token_budget // tokens
+    # per-model-rank batch size; if token_budget > 0, the batch per bucket is token_budget // tokens, with
+    # tokens = image tokens + text tokens (each sequence encoder's max_length), so every step costs about the same
     batch_size: int = 8
     token_budget: int = 0
     max_batch_size: int = 0
+    # cap on (image + text) tokens of one model rank's micro-batch, in either mode; 0 = none
+    max_tokens: int = 0
     # buckets with fewer rows than one global batch are: "drop"ped or "merge"d (sampled with replacement)
     small_buckets: str = "drop"
     num_workers: int = 2

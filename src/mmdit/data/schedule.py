@@ -4,7 +4,11 @@ Design (all of it a pure function of the index, the options and ``seed``):
 
 * Every bucket has a fixed global batch: ``num_model_ranks x per-rank batch``, where the per-rank
   batch is ``batch_size``, or with a ``token_budget`` ``clamp(token_budget // tokens, 1,
-  max_batch_size)`` with ``tokens = (h / patch_pixels) * (w / patch_pixels)``.
+  max_batch_size)`` with ``tokens = (h / patch_pixels) * (w / patch_pixels) + text_tokens`` (the text
+  counts: a wide, short bucket would otherwise get a batch whose text tokens alone exceed the image
+  tokens of a square one). ``max_tokens`` caps ``per-rank batch x tokens`` in either mode. So every
+  step costs about the same: per-rank tokens lie in ``(token_budget - tokens, token_budget]`` for every
+  bucket unless ``max_batch_size`` caps it.
 * Epoch ``e`` shuffles each bucket's rows with a permutation seeded by ``(seed, e, h, w)`` and cuts
   it into full global batches; the last partial batch of a bucket is left out of that epoch (a
   different remainder each epoch, so no row is left out for good).
@@ -82,6 +86,8 @@ class BucketSchedule:
         patch_pixels: int = 16,
         small_buckets: str = "drop",
         seed: int = 0,
+        text_tokens: int = 0,
+        max_tokens: int = 0,
     ) -> None:
         if num_model_ranks <= 0:
             raise ValueError(f"num_model_ranks={num_model_ranks} must be > 0")
@@ -98,11 +104,18 @@ class BucketSchedule:
         self.dropped: dict[tuple[int, int], int] = {}
         for (height, width), ids in sorted(buckets_in.items()):
             ids = np.sort(np.asarray(ids, dtype=np.int64))
+            tokens = bucket_tokens(height, width, patch_pixels) + text_tokens
             if token_budget > 0:
                 cap = max_batch_size if max_batch_size > 0 else token_budget
-                per_rank = int(np.clip(token_budget // bucket_tokens(height, width, patch_pixels), 1, cap))
+                per_rank = int(np.clip(token_budget // tokens, 1, cap))
             else:
                 per_rank = batch_size
+            if max_tokens > 0:
+                if tokens > max_tokens:
+                    raise ValueError(f"bucket {height}x{width} has {tokens} tokens per sample (text included), more "
+                                     f"than data.max_tokens={max_tokens}; raise it or re-run create_phase with a "
+                                     "smaller --max_resolution")
+                per_rank = min(per_rank, max_tokens // tokens)
             global_batch = per_rank * num_model_ranks
             full = len(ids) // global_batch
             if len(ids) == 0 or (full == 0 and small_buckets == "drop"):

@@ -24,7 +24,7 @@ from mmdit.data.schedule import BucketSchedule, ScheduledBatch
 
 # the keys of a layout that decide which samples each micro-step trains on
 SCHEDULE_KEYS = ("model_ranks", "batch_size", "token_budget", "max_batch_size", "small_buckets", "data_seed",
-                 "patch_pixels")
+                 "patch_pixels", "text_tokens", "max_tokens")
 _TRANSITION_SALT = 0x5345474D  # "SEGM": keeps the transition's order apart from the epoch orders
 
 
@@ -33,6 +33,7 @@ def _schedule(index: BucketIndex | dict, layout: dict) -> BucketSchedule:
         index, num_model_ranks=layout["model_ranks"], batch_size=layout["batch_size"],
         token_budget=layout["token_budget"], max_batch_size=layout["max_batch_size"],
         patch_pixels=layout["patch_pixels"], small_buckets=layout["small_buckets"], seed=layout["data_seed"],
+        text_tokens=layout["text_tokens"], max_tokens=layout["max_tokens"],
     )
 
 

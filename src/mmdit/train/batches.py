@@ -187,6 +187,11 @@ class BatchSource:
             raise RuntimeError(f"the data stream ended before step {step}: loader out of step")
         if item.step != step:
             raise RuntimeError(f"expected the batch of step {step}, got step {item.step}: loader out of step")
+        if item.ready is not None:  # copied on the receive thread's stream: order this stream after it
+            stream = torch.cuda.current_stream(item.latents.device)
+            stream.wait_event(item.ready)
+            for t in item.device_tensors():
+                t.record_stream(stream)  # the allocator must not reuse them while this stream reads
         return item
 
     def close(self) -> int:
@@ -204,14 +209,33 @@ class BatchSource:
         return dropped
 
 
-def remote_source(loader: int, group, start: int, stop: int) -> BatchSource:
-    """Batches streamed from a loader rank (the receive of step k+1 runs while step k computes)."""
+class DeviceCopy:
+    """Copies received batches to a CUDA device on a side stream, in the receive thread: the training thread
+    gets tensors already on the device, ordered after the copy by the batch's ``ready`` event."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+
+    def __call__(self, batch: Batch) -> Batch:
+        with torch.cuda.stream(self.stream):
+            out = batch.to(self.device)
+            out.ready = torch.cuda.Event()
+            out.ready.record(self.stream)
+        return out
+
+
+def remote_source(loader: int, group, start: int, stop: int, device: torch.device) -> BatchSource:
+    """Batches streamed from a loader rank (the receive of step k+1 runs while step k computes). On CUDA
+    they arrive in pinned buffers and are copied to ``device`` on a side stream; on the CPU they stay."""
+    copy = DeviceCopy(device) if device.type == "cuda" else None
 
     def receive(step: int) -> Batch | None:
         try:
-            return recv_batch(loader, group)
+            batch = recv_batch(loader, group)
         except RuntimeError as err:
             raise RuntimeError(f"lost the data stream from loader rank {loader} (did it die?): {err}") from err
+        return copy(batch) if copy is not None and batch is not None else batch
 
     return BatchSource(receive, start, stop, streamed=True)
 

@@ -44,8 +44,15 @@ def data_layout(cfg: Config, num_model_ranks: int) -> dict:
         "small_buckets": cfg.data.small_buckets,
         "data_seed": cfg.data.seed,
         "patch_pixels": cfg.model.pixel_step,
+        "text_tokens": text_tokens_per_sample(cfg) if cfg.data.token_budget or cfg.data.max_tokens else 0,
+        "max_tokens": cfg.data.max_tokens,
         "accumulation_steps": cfg.train.accumulation_steps,
     }
+
+
+def text_tokens_per_sample(cfg: Config) -> int:
+    """Text tokens a sample can bring (each sequence encoder's max_length): what the token budget counts."""
+    return sum(e.max_length for e in cfg.encoders.text if e.kind == "sequence")
 
 
 @dataclass

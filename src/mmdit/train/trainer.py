@@ -220,7 +220,8 @@ class Trainer:
     def _open_source(self):
         cfg, rt, plan = self.cfg, self.rt, self.plan
         if rt.topology.has_loaders:
-            return remote_source(rt.topology.loader_of(rt.rank), rt.data_group, plan.start_micro, plan.stop_micro)
+            return remote_source(rt.topology.loader_of(rt.rank), rt.data_group, plan.start_micro, plan.stop_micro,
+                                 self.device)
         index, schedule = build_schedule(cfg, plan.segments)
         producer = BatchProducer(cfg, schedule, index, self.device)
         return local_source(producer, self.model_index, plan.start_micro, plan.stop_micro)

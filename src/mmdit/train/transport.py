@@ -2,7 +2,12 @@
 
 The data path always uses a gloo group with CPU tensors (point-to-point send/recv, which gloo supports on
 every platform); model ranks copy the batch to their device. This keeps one code path for CPU and GPU and
-lets a model rank receive in a background thread while it computes.
+lets a model rank receive in a background thread while it computes (NCCL send/recv in a thread beside
+DDP's all-reduce is a known deadlock pattern). On a machine with CUDA both ends use pinned host buffers:
+the loader fills them with non-blocking device -> host copies and one synchronisation per batch, the
+model rank receives into them and copies to the GPU on a side stream in its receive thread
+(:class:`mmdit.train.batches.DeviceCopy`). Without CUDA there is nothing to pin and that path is
+skipped: tensors are sent and received as plain CPU tensors.
 
 The header's ``flags`` carry the stop protocol (:mod:`mmdit.train.stopping`) inside the data stream:
 ``FLAG_STOP_REQUESTED`` on a batch says its loader was asked to stop (a signal reached the loader), and
@@ -41,6 +46,7 @@ class Batch:
     cond: TextCondition
     corrupt: int = 0  # corrupt images replaced in this batch
     stop_requested: bool = False  # its loader was asked to stop (FLAG_STOP_REQUESTED)
+    ready: object = None  # a CUDA event: the side-stream copy to the device is done once it has fired
 
     @property
     def size(self) -> int:
@@ -49,7 +55,12 @@ class Batch:
     def to(self, device: torch.device, dtype: torch.dtype | None = None) -> Batch:
         return Batch(self.step, self.sample_ids, self.latents.to(device, dtype or self.latents.dtype,
                                                                  non_blocking=True),
-                     self.cond.to(device, dtype), self.corrupt, self.stop_requested)
+                     self.cond.to(device, dtype), self.corrupt, self.stop_requested, self.ready)
+
+    def device_tensors(self) -> list[Tensor]:
+        """The tensors the model reads (sample ids stay on the host)."""
+        cond = self.cond
+        return [self.latents, *cond.tokens, *cond.masks, *([] if cond.pooled is None else [cond.pooled])]
 
 
 @dataclass(frozen=True)
@@ -104,7 +115,24 @@ def _payload(batch: Batch) -> list[Tensor]:
         tensors += [tok, mask.to(torch.uint8)]
     if cond.pooled is not None:
         tensors.append(cond.pooled)
-    return [t.detach().cpu().contiguous() for t in tensors]
+    return _to_host([t.detach() for t in tensors])
+
+
+def _to_host(tensors: list[Tensor]) -> list[Tensor]:
+    """Host copies to send: device tensors go to pinned buffers by non-blocking copies and one synchronisation
+    for the whole batch; host tensors are sent as they are (see the module docstring)."""
+    on_device = [t.is_cuda for t in tensors]
+    if not any(on_device):
+        return [t.contiguous() for t in tensors]
+    out = []
+    for t, cuda in zip(tensors, on_device):
+        if cuda:
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            host.copy_(t, non_blocking=True)
+            t = host
+        out.append(t.contiguous())
+    torch.cuda.synchronize()  # every copy of this batch has landed before the sends read the buffers
+    return out
 
 
 def send_batch(batch: Batch, dst: int, group: dist.ProcessGroup, stop_requested: bool = False) -> list:
@@ -127,19 +155,19 @@ def recv_batch(src: int, group: dist.ProcessGroup) -> Batch | None:
     h = Header.decode(raw)
     if h.flags & FLAG_END:
         return None
-    buffers = [torch.empty(h.batch, dtype=torch.int64), torch.empty(h.batch, h.channels, h.height, h.width,
-                                                                    dtype=h.latent_dtype)]
+    pin = torch.cuda.is_available()  # pinned buffers make the model rank's copy to the GPU asynchronous
+    shapes = [((h.batch,), torch.int64), ((h.batch, h.channels, h.height, h.width), h.latent_dtype)]
     for length, width in h.text_shapes:
-        buffers += [torch.empty(h.batch, length, width, dtype=h.text_dtype), torch.empty(h.batch, length,
-                                                                                         dtype=torch.uint8)]
+        shapes += [((h.batch, length, width), h.text_dtype), ((h.batch, length), torch.uint8)]
     if h.pooled_dim:
-        buffers.append(torch.empty(h.batch, h.pooled_dim, dtype=h.text_dtype))
+        shapes.append(((h.batch, h.pooled_dim), h.text_dtype))
+    buffers = [torch.empty(shape, dtype=dtype, pin_memory=pin) for shape, dtype in shapes]
     works = [dist.irecv(buf, src=src, group=group) for buf in buffers]
     for work in works:
         work.wait()
     n = len(h.text_shapes)
     tokens = [buffers[2 + 2 * i] for i in range(n)]
-    masks = [buffers[3 + 2 * i].bool() for i in range(n)]
+    masks = [buffers[3 + 2 * i].view(torch.bool) for i in range(n)]  # 0/1 bytes: a view, still pinned
     pooled = buffers[2 + 2 * n] if h.pooled_dim else None
     return Batch(h.step, buffers[0], buffers[1], TextCondition(tokens, masks, pooled), h.corrupt,
                  bool(h.flags & FLAG_STOP_REQUESTED))

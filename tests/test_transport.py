@@ -1,0 +1,73 @@
+"""The loader -> model wire format between two real gloo ranks: every text length, dtype and flag round-trips.
+
+On a machine without CUDA the pinned-buffer / side-stream path of the transport is skipped (there is no
+pinned memory without CUDA; transport.py says so); the CUDA test below runs it where a GPU exists.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from mmdit.conditioning import TextCondition
+from mmdit.train.transport import Batch, recv_batch, send_batch, send_end
+
+# (text lengths per sequence encoder, text dtype, pooled width): trimmed lengths of every size
+CASES = [((16, 48), torch.float32, 24), ((1, 128), torch.bfloat16, 0), ((80,), torch.float16, 768),
+         ((128, 128, 7), torch.float32, 8)]
+
+
+def make_batch(step: int, lengths, dtype, pooled: int) -> Batch:
+    g = torch.Generator().manual_seed(step)
+    b = 3
+    tokens = [torch.randn(b, n, 8 + i, generator=g).to(dtype) for i, n in enumerate(lengths)]
+    masks = [torch.rand(b, n, generator=g) > 0.3 for n in lengths]
+    pooled_t = torch.randn(b, pooled, generator=g).to(dtype) if pooled else None
+    latents = torch.randn(b, 4, 2 + step, 5, generator=g)
+    return Batch(step, torch.arange(b) + 100 * step, latents, TextCondition(tokens, masks, pooled_t), corrupt=step)
+
+
+def _peer(rank: int, store_path: str) -> None:
+    store = dist.FileStore(store_path, 2)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=2)
+    try:
+        if rank == 0:
+            for step, case in enumerate(CASES):
+                for work in send_batch(make_batch(step, *case), 1, None, stop_requested=step == 2):
+                    work.wait()
+            send_end(len(CASES), 1, None).wait()
+        else:
+            for step, case in enumerate(CASES):
+                got, want = recv_batch(0, None), make_batch(step, *case)
+                assert got.step == step and got.corrupt == step and got.stop_requested == (step == 2)
+                assert torch.equal(got.sample_ids, want.sample_ids) and torch.equal(got.latents, want.latents)
+                for a, b in zip(got.cond.tokens + got.cond.masks, want.cond.tokens + want.cond.masks, strict=True):
+                    assert a.dtype == b.dtype and torch.equal(a, b)
+                assert (got.cond.pooled is None) == (want.cond.pooled is None)
+                if want.cond.pooled is not None:
+                    assert torch.equal(got.cond.pooled, want.cond.pooled)
+            assert recv_batch(0, None) is None  # the end message
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_length_dtype_and_flag_round_trips(tmp_path):
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    mp.spawn(_peer, args=(str(tmp_path / "store"),), nprocs=2, join=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the pinned-buffer / side-stream path needs CUDA")
+def test_side_stream_copy_delivers_identical_tensors_on_the_device():
+    from mmdit.train.batches import DeviceCopy
+
+    device = torch.device("cuda")
+    host = make_batch(1, (16, 48), torch.bfloat16, 24)
+    copied = DeviceCopy(device)(host)
+    torch.cuda.current_stream().wait_event(copied.ready)
+    assert copied.latents.is_cuda and torch.equal(copied.latents.cpu(), host.latents)
+    for a, b in zip(copied.device_tensors(), host.device_tensors()):
+        assert torch.equal(a.cpu(), b)
