@@ -135,3 +135,10 @@ def test_validation_images_and_init_from(tiny_models, demo_data, tmp_path):
     # one step at the warm-up learning rate moved the weights away from where they started, but only a little
     diffs = [float((stage2[k] - ema1[k]).abs().max()) for k in ema1]
     assert 0 < max(diffs) < 0.05
+
+
+def test_model_registers_no_buffers():
+    """DDP is built without buffer broadcasting in mind: a buffer added to the model would need it."""
+    from mmdit.model import MMDiT
+
+    assert list(MMDiT(load_config("tiny_latent").model).buffers()) == []

@@ -282,6 +282,8 @@ class TrainConfig:
     log_samples: bool = False
     # dense bf16 peak FLOP/s of one device for MFU; 0 = look the GPU up by name
     peak_flops: float = 0.0
+    # optimizer steps per window in which model ranks waiting > 5 % for data gives one warning (mmdit.train.balance)
+    balance_window: int = 100
     # compile each JointBlock (regional, fullgraph); null = on for CUDA, off on the CPU (a cold compile there
     # costs minutes and gains little)
     compile: Optional[bool] = None

@@ -6,6 +6,7 @@ seeded by (data seed, step, model index), so a batch is the same whichever rank 
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
@@ -107,6 +108,7 @@ def run_loader(producer: BatchProducer, topology: Topology, rank: int, group, st
     futures = {}
     depth = 2 * len(models)
     busy = idle = 0.0
+    recent: collections.deque = collections.deque(maxlen=16 * len(models))  # (busy, idle) of recent batches
     sent = 0
     for i, (step, m) in enumerate(order):
         if listener.end is not None and step >= listener.end:
@@ -119,7 +121,9 @@ def run_loader(producer: BatchProducer, topology: Topology, rank: int, group, st
         t1 = time.perf_counter()
         _wait_sends(pending.pop(m, []), m)
         t2 = time.perf_counter()
-        pending[m] = send_batch(batch, m, group, stop_requested=stop_request.requested)
+        recent.append((t1 - t0, t2 - t1))
+        recent_busy = sum(b for b, _ in recent) / max(1e-9, sum(b + i for b, i in recent))
+        pending[m] = send_batch(batch, m, group, stop_requested=stop_request.requested, loader_busy=recent_busy)
         sent += 1
         busy += t1 - t0
         idle += t2 - t1

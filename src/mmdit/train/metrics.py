@@ -13,20 +13,26 @@ T_BINS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 class LossByT:
-    """Mean velocity MSE per timestep bin since the last report (where the model struggles)."""
+    """Mean velocity MSE per timestep bin since the last report (where the model struggles).
 
-    def __init__(self):
-        self.sums = torch.zeros(len(T_BINS) - 1, dtype=torch.float64)
-        self.counts = torch.zeros(len(T_BINS) - 1, dtype=torch.float64)
+    Sums stay on the training device (no host sync per micro-step); :meth:`report` reads them once.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        dtype = torch.float64 if torch.device(device).type == "cpu" else torch.float32
+        self.sums = torch.zeros(len(T_BINS) - 1, dtype=dtype, device=device)
+        self.counts = torch.zeros(len(T_BINS) - 1, dtype=dtype, device=device)
+        self.edges = torch.tensor(T_BINS[1:-1], device=device)
 
     def add(self, t: torch.Tensor, per_sample: torch.Tensor) -> None:
-        bins = torch.bucketize(t.detach().float().cpu(), torch.tensor(T_BINS[1:-1]))
-        self.sums.index_add_(0, bins, per_sample.detach().double().cpu())
-        self.counts.index_add_(0, bins, torch.ones_like(bins, dtype=torch.float64))
+        bins = torch.bucketize(t.detach().float(), self.edges)
+        self.sums.index_add_(0, bins, per_sample.detach().to(self.sums.dtype))
+        self.counts.index_add_(0, bins, torch.ones_like(bins, dtype=self.counts.dtype))
 
     def report(self) -> dict[str, float]:
-        out = {f"loss_t{T_BINS[i]:.2f}-{T_BINS[i + 1]:.2f}": float(self.sums[i] / self.counts[i])
-               for i in range(len(self.sums)) if self.counts[i] > 0}
+        sums, counts = self.sums.tolist(), self.counts.tolist()
+        out = {f"loss_t{T_BINS[i]:.2f}-{T_BINS[i + 1]:.2f}": sums[i] / counts[i]
+               for i in range(len(sums)) if counts[i] > 0}
         self.sums.zero_()
         self.counts.zero_()
         return out

@@ -25,6 +25,7 @@ from ..model import MMDiT
 from ..model.flops import device_peak_flops, hardware_flops_per_image, train_flops_per_image
 from ..model.policy import compile_blocks, compile_enabled
 from . import checkpoint as ckpt
+from .balance import BalanceMonitor, RankBalance, balance_metrics, gather_balance
 from .batches import BatchProducer, build_schedule, local_source, remote_source, run_loader
 from .metrics import LossByT, MetricsLogger
 from .optim import EMA, make_optimizer, make_scheduler
@@ -104,9 +105,10 @@ class Trainer:
         self._restore()
         if compile_enabled(cfg.train.compile, self.device):  # regional: each JointBlock, after the EMA copy
             compile_blocks(self.model)
-        # gradients live in DDP's buckets (no copy); no buffers to broadcast (the model has none that train)
-        self.ddp = (DDP(self.model, process_group=rt.model_group, gradient_as_bucket_view=True,
-                        broadcast_buffers=False) if rt.distributed and rt.num_model_ranks > 1 else None)
+        # gradients live in DDP's buckets (no copy). The model registers no buffers, so DDP broadcasts
+        # nothing per forward (broadcast_buffers=False is deprecated in recent torch and would change nothing)
+        self.ddp = (DDP(self.model, process_group=rt.model_group, gradient_as_bucket_view=True)
+                    if rt.distributed and rt.num_model_ranks > 1 else None)
 
     # ---------------------------------------------------------------- checkpoints
     def _restore(self) -> None:
@@ -252,9 +254,11 @@ class Trainer:
                                    not self.wandb_id else self.wandb_id, cfg.train.total_steps, self.step)
             self.wandb_id = logger.wandb_id
         peak = cfg.train.peak_flops or device_peak_flops()
-        loss_by_t = LossByT()
+        loss_by_t = LossByT(self.device)
+        self.balance = BalanceMonitor(len(rt.topology.loader_ranks), rt.num_model_ranks,
+                                      window_steps=cfg.train.balance_window, warmup_until=self.step + 10)
         window = {"loss": torch.zeros((), device=self.device), "n": 0, "images": 0, "tokens": 0, "flops": 0.0,
-                  "hw_flops": 0.0, "wait": source.wait_s, "t": time.perf_counter()}
+                  "hw_flops": 0.0, "wait": source.wait_s, "t": time.perf_counter(), "step": self.step}
         sample_log = None
         if cfg.train.log_samples:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -289,8 +293,8 @@ class Trainer:
                 self.ema.update(self.model, cfg.train.ema_decay)
             if logger is not None:
                 logger.advance()
-                if self.step % cfg.train.log_every == 0 or self.step == cfg.train.total_steps:
-                    self._report(logger, window, grad_norm, loss_by_t, source, peak)
+            if self.step % cfg.train.log_every == 0 or self.step == cfg.train.total_steps:
+                self._report(logger, window, grad_norm, loss_by_t, source, peak, batch.loader_busy)
             stopped = agree_stop(rt.stop, flagged, self.device, rt.model_group, rt.num_model_ranks)
             if stopped or self.step == cfg.train.total_steps:
                 break
@@ -319,17 +323,29 @@ class Trainer:
         (self.run_dir / f"summary_rank{rt.rank}.json").write_text(json.dumps(summary, indent=1))
         return summary
 
-    def _report(self, logger: MetricsLogger, window: dict, grad_norm: float, loss_by_t: LossByT, source,
-                peak: float) -> None:
+    def _report(self, logger: MetricsLogger | None, window: dict, grad_norm: float, loss_by_t: LossByT, source,
+                peak: float, loader_busy: float) -> None:
+        """Every model rank: the balance figures of the interval; the first one also logs everything."""
         now = time.perf_counter()
         elapsed = now - window["t"]
+        mine = RankBalance(self.rt.rank, source.wait_s - window["wait"], elapsed,
+                           self.rt.topology.loader_of(self.rt.rank), loader_busy)
+        ranks = gather_balance(mine, self.rt.model_group if self.rt.distributed else None, self.rt.num_model_ranks)
+        steps = self.step - window["step"]
+        if logger is None:
+            window.update(wait=source.wait_s, t=now, step=self.step)
+            return
+        warning = self.balance.update(self.step, steps, ranks)
+        if warning:
+            log.warning("%s", warning)
         values = {
             "loss": float(window["loss"]) / max(1, window["n"]),  # the one host read of the losses
             "lr": self.scheduler.get_last_lr()[0],
             "grad_norm": grad_norm,
             "images_per_s": window["images"] * self.rt.num_model_ranks / elapsed,
             "tokens_per_s": window["tokens"] * self.rt.num_model_ranks / elapsed,
-            "data_wait_frac": (source.wait_s - window["wait"]) / elapsed,
+            "data_wait_frac": max(r.wait_s / max(1e-9, r.elapsed_s) for r in ranks),  # the most-waiting rank
+            **balance_metrics(ranks),
             "skipped_steps": self.skipped,
             "corrupt_images": self.corrupt,
             **loss_by_t.report(),
@@ -341,4 +357,4 @@ class Trainer:
             values["max_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
         logger.log(self.step, values)
         window.update(loss=torch.zeros((), device=self.device), n=0, images=0, tokens=0, flops=0.0, hw_flops=0.0,
-                      wait=source.wait_s, t=now)
+                      wait=source.wait_s, t=now, step=self.step)

@@ -28,7 +28,7 @@ from ..conditioning import TextCondition
 
 MAGIC = 0x4D4D4454  # "MMDT"
 MAX_ENCODERS = 4
-_FIXED = 12
+_FIXED = 13
 HEADER_SIZE = _FIXED + 2 * MAX_ENCODERS
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 FLAG_STOP_REQUESTED = 1  # the loader that sent this batch was asked to stop
@@ -47,6 +47,7 @@ class Batch:
     corrupt: int = 0  # corrupt images replaced in this batch
     stop_requested: bool = False  # its loader was asked to stop (FLAG_STOP_REQUESTED)
     ready: object = None  # a CUDA event: the side-stream copy to the device is done once it has fired
+    loader_busy: float = 0.0  # its loader's recent busy fraction (from the header)
 
     @property
     def size(self) -> int:
@@ -55,7 +56,7 @@ class Batch:
     def to(self, device: torch.device, dtype: torch.dtype | None = None) -> Batch:
         return Batch(self.step, self.sample_ids, self.latents.to(device, dtype or self.latents.dtype,
                                                                  non_blocking=True),
-                     self.cond.to(device, dtype), self.corrupt, self.stop_requested, self.ready)
+                     self.cond.to(device, dtype), self.corrupt, self.stop_requested, self.ready, self.loader_busy)
 
     def device_tensors(self) -> list[Tensor]:
         """The tensors the model reads (sample ids stay on the host)."""
@@ -76,13 +77,14 @@ class Header:
     pooled_dim: int  # 0 = none
     corrupt: int
     flags: int = 0  # FLAG_* bits
+    loader_busy: float = 0.0  # fraction of recent time the loader spent building batches (not waiting)
 
     def encode(self) -> Tensor:
         h = torch.zeros(HEADER_SIZE, dtype=torch.int64)
         h[:_FIXED] = torch.tensor([
             MAGIC, self.step, self.batch, self.channels, self.height, self.width,
             DTYPES.index(self.latent_dtype), DTYPES.index(self.text_dtype), len(self.text_shapes),
-            self.pooled_dim, self.corrupt, self.flags,
+            self.pooled_dim, self.corrupt, self.flags, round(1000 * self.loader_busy),
         ])
         for i, (length, width) in enumerate(self.text_shapes):
             h[_FIXED + 2 * i], h[_FIXED + 2 * i + 1] = length, width
@@ -95,17 +97,18 @@ class Header:
             raise RuntimeError(f"data message header has magic {v[0]:#x}, expected {MAGIC:#x}: ranks out of step")
         n = v[8]
         shapes = tuple((v[_FIXED + 2 * i], v[_FIXED + 2 * i + 1]) for i in range(n))
-        return Header(v[1], v[2], v[3], v[4], v[5], DTYPES[v[6]], DTYPES[v[7]], shapes, v[9], v[10], v[11])
+        return Header(v[1], v[2], v[3], v[4], v[5], DTYPES[v[6]], DTYPES[v[7]], shapes, v[9], v[10], v[11],
+                      v[12] / 1000)
 
 
-def header_of(batch: Batch, flags: int = 0) -> Header:
+def header_of(batch: Batch, flags: int = 0, loader_busy: float = 0.0) -> Header:
     cond = batch.cond
     if len(cond.tokens) > MAX_ENCODERS:
         raise ValueError(f"at most {MAX_ENCODERS} sequence encoders can be streamed, got {len(cond.tokens)}")
     b, c, h, w = batch.latents.shape
     return Header(batch.step, b, c, h, w, batch.latents.dtype, cond.tokens[0].dtype,
                   tuple((t.shape[1], t.shape[2]) for t in cond.tokens),
-                  0 if cond.pooled is None else cond.pooled.shape[1], batch.corrupt, flags)
+                  0 if cond.pooled is None else cond.pooled.shape[1], batch.corrupt, flags, loader_busy)
 
 
 def _payload(batch: Batch) -> list[Tensor]:
@@ -135,10 +138,11 @@ def _to_host(tensors: list[Tensor]) -> list[Tensor]:
     return out
 
 
-def send_batch(batch: Batch, dst: int, group: dist.ProcessGroup, stop_requested: bool = False) -> list:
+def send_batch(batch: Batch, dst: int, group: dist.ProcessGroup, stop_requested: bool = False,
+               loader_busy: float = 0.0) -> list:
     """Send header then tensors without blocking; returns the work handles (wait on them before reuse)."""
     flags = FLAG_STOP_REQUESTED if stop_requested else 0
-    tensors = [header_of(batch, flags).encode(), *_payload(batch)]
+    tensors = [header_of(batch, flags, loader_busy).encode(), *_payload(batch)]
     return [dist.isend(t, dst=dst, group=group) for t in tensors]
 
 
@@ -170,4 +174,4 @@ def recv_batch(src: int, group: dist.ProcessGroup) -> Batch | None:
     masks = [buffers[3 + 2 * i].view(torch.bool) for i in range(n)]  # 0/1 bytes: a view, still pinned
     pooled = buffers[2 + 2 * n] if h.pooled_dim else None
     return Batch(h.step, buffers[0], buffers[1], TextCondition(tokens, masks, pooled), h.corrupt,
-                 bool(h.flags & FLAG_STOP_REQUESTED))
+                 bool(h.flags & FLAG_STOP_REQUESTED), loader_busy=h.loader_busy)
