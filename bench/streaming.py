@@ -23,7 +23,9 @@ Three parts, all on the CPU with gloo:
 3. The FLOP model's figure for the 1.2B preset at 256 px (``train_flops_per_image``, 256 text tokens).
 
 The steady-state window skips the first ``--skip`` steps (process start, first batches, allocator warm-up).
-The LAST line is ``data_wait_frac=<steady-state mean of the first model rank's per-step wait fraction>``.
+Also: bytes per image on the wire against the unpadded payload (target <= 1.1x), with realistic caption
+lengths. The LAST line is ``data_wait_frac=<steady-state mean of the first model rank's per-step wait
+fraction>``, the one before it ``wire_ratio_sd3_256=<wire bytes / unpadded bytes of the sd3_256 batch>``.
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 import torch  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "bench"))
+from captions import padded_condition  # noqa: E402
 
 from mmdit.config import load_config  # noqa: E402
 
@@ -104,15 +109,14 @@ def loader_stats(log_text: str) -> dict:
 
 # ---------------------------------------------------------------------------------------------- transport
 def representative_batch(spec: dict):
-    from mmdit.conditioning import TextCondition
     from mmdit.train.transport import Batch
 
     b, g = spec["batch"], torch.Generator().manual_seed(0)
     latents = torch.randn(b, spec["channels"], spec["side"], spec["side"], generator=g).to(spec["latent_dtype"])
     tokens = [torch.randn(b, n, d, generator=g).to(spec["text_dtype"]) for n, d in spec["text"]]
-    masks = [torch.arange(n)[None].expand(b, n) < max(1, n // 2) for n, _ in spec["text"]]
     pooled = torch.randn(b, spec["pooled"], generator=g).to(spec["text_dtype"]) if spec["pooled"] else None
-    return Batch(0, torch.arange(b), latents, TextCondition(tokens, masks, pooled))
+    cond = padded_condition(tokens, pooled, g)  # realistic caption lengths, trimmed as the loader trims
+    return Batch(0, torch.arange(b), latents, cond)
 
 
 def batch_spec(cfg, batch: int, text_dtype: torch.dtype, latent_dtype: torch.dtype) -> dict:
@@ -124,9 +128,25 @@ def batch_spec(cfg, batch: int, text_dtype: torch.dtype, latent_dtype: torch.dty
 
 
 def payload_bytes(batch) -> int:
+    """Bytes on the wire for one batch: the header and every tensor send_batch sends."""
     from mmdit.train.transport import HEADER_SIZE, _payload
 
     return 8 * HEADER_SIZE + sum(t.numel() * t.element_size() for t in _payload(batch))
+
+
+def unpadded_bytes(batch) -> int:
+    """The floor: sample ids, latents, the real text tokens and the pooled vector, no header, no padding."""
+    cond = batch.cond
+    size = batch.sample_ids.numel() * 8 + batch.latents.numel() * batch.latents.element_size()
+    size += sum(int(m.sum()) * t.shape[2] * t.element_size() for t, m in zip(cond.tokens, cond.masks))
+    return size + (0 if cond.pooled is None else cond.pooled.numel() * cond.pooled.element_size())
+
+
+def padded_bytes(batch, spec: dict) -> int:
+    """What the seed sent: text padded to max_length."""
+    text = sum(batch.size * n * d for n, d in spec["text"]) * torch.tensor([], dtype=spec["text_dtype"]).element_size()
+    return unpadded_bytes(batch) - sum(int(m.sum()) * t.shape[2] * t.element_size()
+                                       for t, m in zip(batch.cond.tokens, batch.cond.masks)) + text
 
 
 def _transport_worker(rank: int, init_file: str, specs: list, reps: list, out_file: str) -> None:
@@ -274,7 +294,8 @@ def main(argv=None) -> None:
     run_spec = batch_spec(cfg, args.batch, torch.float32, torch.float32)  # CPU encoders: fp32
     big_spec = batch_spec(sd3, sd3.data.batch_size, torch.bfloat16, torch.bfloat16)  # GPU loaders: bf16
     specs = [run_spec, big_spec]
-    sizes = [payload_bytes(representative_batch(s)) for s in specs]
+    batches = [representative_batch(s) for s in specs]
+    sizes = [payload_bytes(b) for b in batches]
     results = measure_transport(specs, [args.transport_reps, max(3, args.transport_reps // 5)], workdir)
     print()
     print("transport (send_batch -> recv_batch, 2 gloo ranks on this machine, medians):")
@@ -285,6 +306,12 @@ def main(argv=None) -> None:
     for name, size, r in zip(names, sizes, results):
         print(f"{name:<44} {size:>11,} {r['header_one_way_s'] * 1e3:10.3f} ms {r['batch_one_way_s'] * 1e3:15.3f} ms "
               f"{r['streamed_per_batch_s'] * 1e3:12.3f} ms {size / r['streamed_per_batch_s'] / 1e6:7.0f}")
+    print()
+    print("bytes per image on the wire (realistic caption lengths, bench/captions.py) vs the unpadded payload:")
+    for name, batch, spec, size in zip(names, batches, specs, sizes):
+        floor, padded = unpadded_bytes(batch) / batch.size, padded_bytes(batch, spec) / batch.size
+        print(f"  {name:<44} wire {size / batch.size:>10,.0f} B  unpadded {floor:>10,.0f} B  ratio "
+              f"{size / batch.size / floor:.3f}  (padded to max_length: {padded:>10,.0f} B, {padded / floor:.2f}x)")
     step_s = args.batch * args.model_ranks / med["images_per_s"]
     send_frac = results[0]["streamed_per_batch_s"] * args.model_ranks / step_s
     print(f"run: the loader's sends of one step's {args.model_ranks} batch(es) take {send_frac:.3f} of a steady step "
@@ -305,6 +332,7 @@ def main(argv=None) -> None:
           "rate measured above")
     if not args.workdir:
         shutil.rmtree(workdir, ignore_errors=True)
+    print(f"wire_ratio_sd3_256={sizes[1] / unpadded_bytes(batches[1]):.3f}")
     print(f"data_wait_frac={wait_frac:.4f}")
 
 

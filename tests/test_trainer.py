@@ -51,7 +51,9 @@ def test_header_round_trip():
     h = header_of(batch)
     encoded = h.encode()
     assert encoded.shape == (HEADER_SIZE,) and Header.decode(encoded) == h
-    assert (h.step, h.batch, h.height, h.width, h.text_shapes, h.pooled_dim) == (7, 3, 4, 6, ((5, 48), (9, 32)), 24)
+    # (length, width, real tokens) per encoder
+    assert (h.step, h.batch, h.height, h.width, h.text_shapes, h.pooled_dim) == (
+        7, 3, 4, 6, ((5, 48, 15), (9, 32, 27)), 24)
 
 
 def test_warmup_then_cosine():

@@ -1,4 +1,5 @@
-"""The loader -> model wire format between two real gloo ranks: every text length, dtype and flag round-trips.
+"""The loader -> model wire format between two real gloo ranks: every text length, dtype and flag round-trips,
+and only the real text tokens travel.
 
 On a machine without CUDA the pinned-buffer / side-stream path of the transport is skipped (there is no
 pinned memory without CUDA; transport.py says so); the CUDA test below runs it where a GPU exists.
@@ -45,14 +46,28 @@ def _peer(rank: int, store_path: str) -> None:
                 got, want = recv_batch(0, None), make_batch(step, *case)
                 assert got.step == step and got.corrupt == step and got.stop_requested == (step == 2)
                 assert torch.equal(got.sample_ids, want.sample_ids) and torch.equal(got.latents, want.latents)
-                for a, b in zip(got.cond.tokens + got.cond.masks, want.cond.tokens + want.cond.masks, strict=True):
+                for a, b in zip(got.cond.masks, want.cond.masks, strict=True):
                     assert a.dtype == b.dtype and torch.equal(a, b)
+                for a, b, mask in zip(got.cond.tokens, want.cond.tokens, want.cond.masks, strict=True):
+                    # only real tokens travel; padded slots arrive as zeros (the model never reads them)
+                    assert a.dtype == b.dtype and torch.equal(a, torch.where(mask[..., None], b, 0))
                 assert (got.cond.pooled is None) == (want.cond.pooled is None)
                 if want.cond.pooled is not None:
                     assert torch.equal(got.cond.pooled, want.cond.pooled)
             assert recv_batch(0, None) is None  # the end message
     finally:
         dist.destroy_process_group()
+
+
+def test_the_wire_carries_the_unpadded_payload():
+    from mmdit.train.transport import HEADER_SIZE, _payload
+
+    batch = make_batch(0, (16, 48), torch.float32, 24)
+    wire = 8 * HEADER_SIZE + sum(t.numel() * t.element_size() for t in _payload(batch))
+    real = sum(int(m.sum()) * t.shape[2] * 4 for t, m in zip(batch.cond.tokens, batch.cond.masks))
+    floor = batch.latents.numel() * 4 + real + batch.cond.pooled.numel() * 4 + batch.sample_ids.numel() * 8
+    overhead = 8 * HEADER_SIZE + sum(m.numel() for m in batch.cond.masks)  # the header and a byte per mask slot
+    assert wire == floor + overhead
 
 
 def test_every_length_dtype_and_flag_round_trips(tmp_path):

@@ -9,6 +9,11 @@ model rank receives into them and copies to the GPU on a side stream in its rece
 (:class:`mmdit.train.batches.DeviceCopy`). Without CUDA there is nothing to pin and that path is
 skipped: tensors are sent and received as plain CPU tensors.
 
+Text travels without padding: per sequence encoder the token mask (one byte per slot) and only the real
+token vectors, packed; the header carries how many there are, and the receiver pads them again with
+zeros (the model never reads padded slots). The wire then carries the unpadded payload plus a header and
+the masks (``bench/streaming.py`` prints the ratio).
+
 The header's ``flags`` carry the stop protocol (:mod:`mmdit.train.stopping`) inside the data stream:
 ``FLAG_STOP_REQUESTED`` on a batch says its loader was asked to stop (a signal reached the loader), and
 an *end message* (``FLAG_END``, a header with no tensors after it) tells a model rank that its loader
@@ -29,7 +34,7 @@ from ..conditioning import TextCondition
 MAGIC = 0x4D4D4454  # "MMDT"
 MAX_ENCODERS = 4
 _FIXED = 13
-HEADER_SIZE = _FIXED + 2 * MAX_ENCODERS
+HEADER_SIZE = _FIXED + 3 * MAX_ENCODERS
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 FLAG_STOP_REQUESTED = 1  # the loader that sent this batch was asked to stop
 FLAG_END = 2  # no batch follows this header: the loader is done
@@ -73,7 +78,7 @@ class Header:
     width: int
     latent_dtype: torch.dtype
     text_dtype: torch.dtype
-    text_shapes: tuple[tuple[int, int], ...]  # (length, width) per sequence encoder
+    text_shapes: tuple[tuple[int, int, int], ...]  # (length, width, real tokens in the batch) per sequence encoder
     pooled_dim: int  # 0 = none
     corrupt: int
     flags: int = 0  # FLAG_* bits
@@ -86,8 +91,8 @@ class Header:
             DTYPES.index(self.latent_dtype), DTYPES.index(self.text_dtype), len(self.text_shapes),
             self.pooled_dim, self.corrupt, self.flags, round(1000 * self.loader_busy),
         ])
-        for i, (length, width) in enumerate(self.text_shapes):
-            h[_FIXED + 2 * i], h[_FIXED + 2 * i + 1] = length, width
+        for i, shape in enumerate(self.text_shapes):
+            h[_FIXED + 3 * i:_FIXED + 3 * i + 3] = torch.tensor(shape)
         return h
 
     @staticmethod
@@ -96,7 +101,7 @@ class Header:
         if v[0] != MAGIC:
             raise RuntimeError(f"data message header has magic {v[0]:#x}, expected {MAGIC:#x}: ranks out of step")
         n = v[8]
-        shapes = tuple((v[_FIXED + 2 * i], v[_FIXED + 2 * i + 1]) for i in range(n))
+        shapes = tuple(tuple(v[_FIXED + 3 * i:_FIXED + 3 * i + 3]) for i in range(n))
         return Header(v[1], v[2], v[3], v[4], v[5], DTYPES[v[6]], DTYPES[v[7]], shapes, v[9], v[10], v[11],
                       v[12] / 1000)
 
@@ -107,7 +112,7 @@ def header_of(batch: Batch, flags: int = 0, loader_busy: float = 0.0) -> Header:
         raise ValueError(f"at most {MAX_ENCODERS} sequence encoders can be streamed, got {len(cond.tokens)}")
     b, c, h, w = batch.latents.shape
     return Header(batch.step, b, c, h, w, batch.latents.dtype, cond.tokens[0].dtype,
-                  tuple((t.shape[1], t.shape[2]) for t in cond.tokens),
+                  tuple((t.shape[1], t.shape[2], int(m.sum())) for t, m in zip(cond.tokens, cond.masks)),
                   0 if cond.pooled is None else cond.pooled.shape[1], batch.corrupt, flags, loader_busy)
 
 
@@ -115,7 +120,7 @@ def _payload(batch: Batch) -> list[Tensor]:
     cond = batch.cond
     tensors = [batch.sample_ids, batch.latents]
     for tok, mask in zip(cond.tokens, cond.masks):
-        tensors += [tok, mask.to(torch.uint8)]
+        tensors += [mask.to(torch.uint8), tok[mask]]  # only the real tokens travel: no padding on the wire
     if cond.pooled is not None:
         tensors.append(cond.pooled)
     return _to_host([t.detach() for t in tensors])
@@ -161,8 +166,8 @@ def recv_batch(src: int, group: dist.ProcessGroup) -> Batch | None:
         return None
     pin = torch.cuda.is_available()  # pinned buffers make the model rank's copy to the GPU asynchronous
     shapes = [((h.batch,), torch.int64), ((h.batch, h.channels, h.height, h.width), h.latent_dtype)]
-    for length, width in h.text_shapes:
-        shapes += [((h.batch, length, width), h.text_dtype), ((h.batch, length), torch.uint8)]
+    for length, width, real in h.text_shapes:
+        shapes += [((h.batch, length), torch.uint8), ((real, width), h.text_dtype)]
     if h.pooled_dim:
         shapes.append(((h.batch, h.pooled_dim), h.text_dtype))
     buffers = [torch.empty(shape, dtype=dtype, pin_memory=pin) for shape, dtype in shapes]
@@ -170,8 +175,12 @@ def recv_batch(src: int, group: dist.ProcessGroup) -> Batch | None:
     for work in works:
         work.wait()
     n = len(h.text_shapes)
-    tokens = [buffers[2 + 2 * i] for i in range(n)]
-    masks = [buffers[3 + 2 * i].view(torch.bool) for i in range(n)]  # 0/1 bytes: a view, still pinned
+    masks = [buffers[2 + 2 * i].view(torch.bool) for i in range(n)]  # 0/1 bytes: a view, still pinned
+    tokens = []
+    for i, (length, width, _) in enumerate(h.text_shapes):  # padded again here; padded slots hold zeros
+        padded = torch.zeros((h.batch, length, width), dtype=h.text_dtype, pin_memory=pin)
+        padded[masks[i]] = buffers[3 + 2 * i]
+        tokens.append(padded)
     pooled = buffers[2 + 2 * n] if h.pooled_dim else None
     return Batch(h.step, buffers[0], buffers[1], TextCondition(tokens, masks, pooled), h.corrupt,
                  bool(h.flags & FLAG_STOP_REQUESTED), loader_busy=h.loader_busy)
