@@ -96,7 +96,8 @@ def test_nonfinite_steps_are_skipped_then_halt(tmp_path):
     for i in range(2):
         for p in trainer.model.parameters():
             p.grad = torch.full_like(p, float("nan"))
-        _, finite = trainer._optimizer_step()
+        _, finite, stop = trainer._optimizer_step()
+        assert not stop
         assert not finite and trainer.skipped == i + 1
     assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
     for p in trainer.model.parameters():

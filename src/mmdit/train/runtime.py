@@ -72,11 +72,3 @@ def init_runtime(cfg: Config) -> Runtime:
     rt.data_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
     rt.model_group = dist.new_group(list(topology.model_ranks), timeout=timeout)
     return rt
-
-
-def all_finite(value: torch.Tensor, rt: Runtime) -> bool:
-    """Whether ``value`` is finite on every model rank, so all of them skip a bad step together."""
-    flag = torch.isfinite(value).all().float().reshape(1)
-    if rt.distributed and rt.num_model_ranks > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=rt.model_group)
-    return bool(flag.item())

@@ -7,10 +7,10 @@ alone, a user may signal one rank. Whoever gets it, the job ends the same way:
 1. A signal only records the request in that process's :class:`StopRequest`.
 2. A loader rank that was asked to stop keeps serving, and sets ``FLAG_STOP_REQUESTED`` on every batch
    it sends from then on (:mod:`mmdit.train.transport`).
-3. After each optimizer step the model ranks agree, with one all-reduce, whether any of them was asked to
-   stop or received a flagged batch (:func:`agree_stop`). The step in progress always completes, so a stop
-   never lands inside gradient accumulation: the checkpoint is at a step boundary and the resumed run is
-   bit-exact with an uninterrupted one.
+3. At each optimizer step the model ranks agree, with one all-reduce, whether any of them was asked to
+   stop or received a flagged batch (:func:`agree_step`, which also checks that the gradients are
+   finite). The step in progress always completes, so a stop never lands inside gradient accumulation:
+   the checkpoint is at a step boundary and the resumed run is bit-exact with an uninterrupted one.
 4. Having agreed to end at micro-step E (after a stop, or at the end of the run), every model rank sends E
    to its loader (:func:`send_end_request`) and drains its stream up to the loader's end message; batches
    the loader had already sent beyond E are dropped (the resumed run starts with them).
@@ -57,15 +57,16 @@ class StopRequest:
         self.signal_name = signal.Signals(signum).name
 
 
-def agree_stop(stop: StopRequest, flagged_by_loader: bool, device: torch.device, group,
-               num_model_ranks: int) -> bool:
-    """True on every model rank if any of them was asked to stop or got a batch flagged by its loader."""
-    local = stop.requested or flagged_by_loader
-    if group is None or num_model_ranks == 1:
-        return local
-    flag = torch.tensor([float(local)], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-    return bool(flag.item())
+def agree_step(grad_norm: torch.Tensor, stop_local: bool, group, num_model_ranks: int) -> tuple[bool, bool]:
+    """One all-reduce over the model ranks per optimizer step, the step's one host sync: whether every
+    rank's gradients are finite (else all skip the step together) and whether any rank asked to stop
+    (``stop_local``: a signal, or a batch its loader flagged)."""
+    flags = torch.stack([torch.isfinite(grad_norm).all().float(),
+                         torch.tensor(0.0 if stop_local else 1.0, device=grad_norm.device)])
+    if group is not None and num_model_ranks > 1:
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=group)
+    finite, carry_on = flags.tolist()
+    return finite == 1.0, carry_on == 0.0
 
 
 def send_end_request(loader: int, end_micro: int, group) -> dist.Work:

@@ -31,8 +31,8 @@ from .metrics import LossByT, MetricsLogger
 from .optim import EMA, make_optimizer, make_scheduler
 from .resume import ResumePlan, agree_resume, check_loaded_step, data_layout
 from .rng_state import capture_rng_state, restore_rng_state
-from .runtime import Runtime, all_finite
-from .stopping import agree_stop, send_end_request
+from .runtime import Runtime
+from .stopping import agree_step, send_end_request
 
 log = logging.getLogger(__name__)
 
@@ -200,10 +200,13 @@ class Trainer:
         loss_by_t.add(t, per_sample)
         return loss.detach()
 
-    def _optimizer_step(self) -> tuple[float, bool]:
+    def _optimizer_step(self, stop_local: bool = False) -> tuple[torch.Tensor, bool, bool]:
+        """Clip, then step unless any model rank's gradients are not finite; returns (grad norm, finite,
+        stop: whether any model rank asked to stop). The step's one host sync is :func:`agree_step`."""
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
-        finite = all_finite(grad_norm, self.rt)
+        finite, stop = agree_step(grad_norm, stop_local, self.rt.model_group if self.rt.distributed else None,
+                                  self.rt.num_model_ranks)
         if finite:
             self.scaler.step(self.optimizer)
             self.nonfinite_in_row = 0
@@ -216,7 +219,7 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return float(grad_norm), finite
+        return grad_norm.detach(), finite, stop
 
     # ---------------------------------------------------------------- the loop
     def _open_source(self):
@@ -287,7 +290,7 @@ class Trainer:
                 window["flops"] += b * train_flops_per_image(cfg.model, *pixels, text_lengths)
                 window["hw_flops"] += b * hardware_flops_per_image(cfg.model, *pixels, text_lengths)
                 micro += 1
-            grad_norm, _ = self._optimizer_step()
+            grad_norm, _, stopped = self._optimizer_step(rt.stop.requested or flagged)
             self.step += 1
             if self.step % cfg.train.ema_update_every == 0:
                 self.ema.update(self.model, cfg.train.ema_decay)
@@ -295,7 +298,6 @@ class Trainer:
                 logger.advance()
             if self.step % cfg.train.log_every == 0 or self.step == cfg.train.total_steps:
                 self._report(logger, window, grad_norm, loss_by_t, source, peak, batch.loader_busy)
-            stopped = agree_stop(rt.stop, flagged, self.device, rt.model_group, rt.num_model_ranks)
             if stopped or self.step == cfg.train.total_steps:
                 break
             if self.step % cfg.train.save_every == 0:
@@ -323,7 +325,7 @@ class Trainer:
         (self.run_dir / f"summary_rank{rt.rank}.json").write_text(json.dumps(summary, indent=1))
         return summary
 
-    def _report(self, logger: MetricsLogger | None, window: dict, grad_norm: float, loss_by_t: LossByT, source,
+    def _report(self, logger: MetricsLogger | None, window: dict, grad_norm: torch.Tensor, loss_by_t: LossByT, source,
                 peak: float, loader_busy: float) -> None:
         """Every model rank: the balance figures of the interval; the first one also logs everything."""
         now = time.perf_counter()
@@ -341,7 +343,7 @@ class Trainer:
         values = {
             "loss": float(window["loss"]) / max(1, window["n"]),  # the one host read of the losses
             "lr": self.scheduler.get_last_lr()[0],
-            "grad_norm": grad_norm,
+            "grad_norm": float(grad_norm),
             "images_per_s": window["images"] * self.rt.num_model_ranks / elapsed,
             "tokens_per_s": window["tokens"] * self.rt.num_model_ranks / elapsed,
             "data_wait_frac": max(r.wait_s / max(1e-9, r.elapsed_s) for r in ranks),  # the most-waiting rank
