@@ -1,4 +1,4 @@
-"""A random two-encoder text condition (padded masks, a pooled vector) shared by the flow and sampling tests."""
+"""Shared test helpers: a random two-encoder text condition (padded masks, a pooled vector), random weights."""
 
 import torch
 
@@ -13,3 +13,11 @@ def random_condition(batch: int, seed: int = 0) -> TextCondition:
     for m in masks:
         m[:, 0] = True
     return TextCondition(tokens, masks, pooled=torch.randn(batch, 7, generator=g))
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
+    """Random weights everywhere (a fresh MMDiT is the identity: zero-initialised gates and output)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05 + (1.0 if p.dim() == 0 else 0.0))

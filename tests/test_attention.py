@@ -6,6 +6,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.attention.flex_attention as fa
+from conditions import randomize_  # noqa: E402
 from torch.nn.attention.flex_attention import create_block_mask
 
 from mmdit.conditioning import TextCondition, trimmed_length
@@ -23,13 +24,6 @@ def config(**kw) -> ModelConfig:
                 latent_factor=8, max_res=256, max_res_orig=256)
     base.update(kw)
     return ModelConfig(**base)
-
-
-def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05 + (1.0 if p.dim() == 0 else 0.0))
 
 
 def padded_condition(batch: int, lengths=(21, 13), seed: int = 0) -> TextCondition:

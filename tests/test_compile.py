@@ -3,6 +3,7 @@ shared by the blocks."""
 
 import pytest
 import torch
+from conditions import randomize_  # noqa: E402
 from torch._dynamo.testing import CompileCounter
 
 from mmdit.conditioning import TextCondition
@@ -20,13 +21,6 @@ def config(**kw) -> ModelConfig:
                 latent_factor=8, max_res=256, max_res_orig=256)
     base.update(kw)
     return ModelConfig(**base)
-
-
-def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05 + (1.0 if p.dim() == 0 else 0.0))
 
 
 def padded_inputs(batch: int = 2, seed: int = 0, real=(3, 9)):
