@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.attention.flex_attention as fa
-from conditions import randomize_  # noqa: E402
+from conditions import randomize_
 from torch.nn.attention.flex_attention import create_block_mask
 
 from mmdit.conditioning import TextCondition, trimmed_length

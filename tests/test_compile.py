@@ -3,7 +3,7 @@ shared by the blocks."""
 
 import pytest
 import torch
-from conditions import randomize_  # noqa: E402
+from conditions import randomize_
 from torch._dynamo.testing import CompileCounter
 
 from mmdit.conditioning import TextCondition
