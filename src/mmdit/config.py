@@ -213,9 +213,14 @@ class DataConfig:
     image_background: list[int] = field(default_factory=lambda: [255, 255, 255])
     # a row whose image header has more pixels than this is skipped as corrupt (create_phase's default)
     max_image_pixels: int = 100_000_000
+    # parquet handles each loader worker keeps open (LRU; 0 opens a shard for every read)
+    open_files: int = 64
+    # parse each shard's footer once per process and run, shared by the workers (false: on every open)
+    footer_cache: bool = True
 
     def __post_init__(self) -> None:
         _positive("data.batch_size", self.batch_size)
+        _positive("data.open_files", self.open_files, allow_zero=True)
         _probability("data.first_caption_prob", self.first_caption_prob)
         _choice("data.small_buckets", self.small_buckets, ("drop", "merge"))
 
