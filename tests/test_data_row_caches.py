@@ -90,11 +90,27 @@ def test_default_readers_share_the_process_cache(index):
     a.read(np.arange(len(index)))
     b.read(np.arange(len(index)))
     assert b.footer_reads == 0 and all(FOOTERS.reads[index.file_path(i)] == 1 for i in range(len(index.files)))
-    assert RowReader.from_config(index, DataConfig(footer_cache=False)).footers is None
+    assert FOOTERS.max_bytes == 4096 * 2**20
+    assert RowReader.from_config(index, DataConfig(footer_cache_mb=0)).footers is None
     with pytest.raises(ConfigError, match="data.open_files=-1"):
         DataConfig(open_files=-1)
     with pytest.raises(ValueError, match="open_files=-1"):
         RowReader(index, open_files=-1)
+
+
+def test_a_bounded_footer_cache_evicts_and_parses_again(index, caplog):
+    one = FooterCache().get(index.file_path(0))[0].resident_bytes
+    footers = FooterCache(max_bytes=int(2.5 * one))  # room for two of the four shards
+    reader = RowReader(index, footers=footers, open_files=0)
+    for _ in range(2):
+        rows = reader.fetch(np.arange(len(index)))
+    assert rows == RowReader(index, footers=None).fetch(np.arange(len(index)))
+    assert len(footers) == 2 and footers.resident_bytes <= footers.max_bytes and footers.evictions == 6
+    assert footers.footer_reads == 8 and "raise data.footer_cache_mb" in caplog.text
+    footers.resize(None)
+    reader.fetch(np.arange(len(index)))
+    reader.fetch(np.arange(len(index)))
+    assert footers.footer_reads == 8 + 2 and len(footers) == 4
 
 
 def test_rows_of_one_row_group_are_read_once_per_call(index):

@@ -40,6 +40,15 @@ class ShardFooter:
     names: tuple[str, ...]
     stamp: tuple[int, int]  # (size, mtime_ns): a rewritten shard is parsed again
 
+    @property
+    def resident_bytes(self) -> int:
+        """Memory the parsed footer holds, estimated: pyarrow's parsed metadata is ~7.7x the serialized
+        footer (measured by bench/reader.py for create_phase's columns at 16-64 rows per group)."""
+        return PARSED_PER_SERIALIZED * self.metadata.serialized_size
+
+
+PARSED_PER_SERIALIZED = 8
+
 
 def _stamp(path: Path) -> tuple[int, int]:
     stat = os.stat(path)
@@ -60,13 +69,18 @@ class FooterCache:
 
     Thread-safe: two workers asking for the same new shard wait for one parse. A shard whose size or
     mtime changed since it was parsed is parsed again (and counted), never read with a stale footer.
+    ``max_bytes`` bounds the estimated memory (LRU; None = no bound): parsed footers are large (~2.9 MB
+    per 10k rows at 32 rows per group), and a bound that is too small is warned about once.
     """
 
-    def __init__(self) -> None:
-        self._entries: dict[Path, ShardFooter] = {}
+    def __init__(self, max_bytes: int | None = None) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[Path, ShardFooter] = OrderedDict()
         self._parsing: dict[Path, threading.Lock] = {}
         self._lock = threading.Lock()
         self.reads: Counter = Counter()
+        self.resident_bytes = 0
+        self.evictions = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -83,6 +97,7 @@ class FooterCache:
         with self._lock:
             entry = self._entries.get(path)
             if entry is not None and entry.stamp == stamp:
+                self._entries.move_to_end(path)
                 return entry, False
             parsing = self._parsing.setdefault(path, threading.Lock())
         with parsing:
@@ -92,17 +107,37 @@ class FooterCache:
                 return entry, False
             if entry is not None:
                 log.warning("%s changed on disk during the run; parsing its footer again", path)
-            entry = parse_footer(path)
+            parsed = parse_footer(path)
             with self._lock:
-                self._entries[path] = entry
+                old = self._entries.pop(path, None)
+                self.resident_bytes += parsed.resident_bytes - (old.resident_bytes if old else 0)
+                self._entries[path] = parsed
                 self.reads[path] += 1
-            return entry, True
+                self._evict()
+            return parsed, True
+
+    def _evict(self) -> None:
+        while self.max_bytes is not None and self.resident_bytes > self.max_bytes and len(self._entries) > 1:
+            _, dropped = self._entries.popitem(last=False)
+            self.resident_bytes -= dropped.resident_bytes
+            if not self.evictions:
+                log.warning("footer cache full at %.0f MB (%d shards): evicted footers are parsed again on "
+                            "reopen; raise data.footer_cache_mb or write larger row groups",
+                            self.max_bytes / 2**20, len(self._entries))
+            self.evictions += 1
+
+    def resize(self, max_bytes: int | None) -> None:
+        with self._lock:
+            self.max_bytes = max_bytes
+            self._evict()
 
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
             self._parsing.clear()
             self.reads.clear()
+            self.resident_bytes = 0
+            self.evictions = 0
 
 
 FOOTERS = FooterCache()  # the process-wide cache every RowReader uses unless told otherwise
@@ -174,11 +209,13 @@ class RowReader:
 
     @classmethod
     def from_config(cls, index: BucketIndex, data_cfg, extra_columns=()) -> RowReader:
-        """Build from a :class:`mmdit.config.DataConfig`."""
+        """Build from a :class:`mmdit.config.DataConfig`; bounds the process-wide :data:`FOOTERS`."""
+        if data_cfg.footer_cache_mb > 0:
+            FOOTERS.resize(int(data_cfg.footer_cache_mb * 2**20))
         return cls(index, data_cfg.image_column, data_cfg.caption_columns, data_cfg.first_caption_prob,
                    data_cfg.random_flip, extra_columns, data_cfg.seed, open_files=data_cfg.open_files,
                    background=tuple(data_cfg.image_background), max_pixels=data_cfg.max_image_pixels,
-                   footers=FOOTERS if data_cfg.footer_cache else None)
+                   footers=FOOTERS if data_cfg.footer_cache_mb > 0 else None)
 
     @property
     def columns(self) -> list[str]:
