@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from mmdit.data.images import DEFAULT_BACKGROUND, DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE  # noqa: E402
-from mmdit.data.phase import IMAGE_FORMATS, create_phase  # noqa: E402
+from mmdit.data.phase import DEFAULT_ROW_GROUP_SIZE, IMAGE_FORMATS, create_phase  # noqa: E402
 
 SHOWN_LIST_ITEMS = 20
 
@@ -49,8 +49,9 @@ def main(argv=None) -> int:
                         help="output encoding; 'same' keeps JPEG as JPEG and writes PNG otherwise")
     parser.add_argument("--jpeg_quality", type=int, default=95)
     parser.add_argument("--image_column", default="image")
-    parser.add_argument("--row_group_size", type=int, default=32,
-                        help="rows per parquet row group (small = cheap random access in training)")
+    parser.add_argument("--row_group_size", type=int, default=DEFAULT_ROW_GROUP_SIZE,
+                        help="rows per parquet row group: a random row in training reads its whole group, small ones "
+                        "take more footer memory (default from bench/reader.py; see BENCHMARKS.md)")
     parser.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS,
                         help="skip images with more pixels than this (too_large), read from the header")
     parser.add_argument("--min_side", type=int, default=DEFAULT_MIN_SIDE,

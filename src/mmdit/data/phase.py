@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 METADATA_KEY = b"mmdit.phase"
 SUMMARY_NAME = "phase_summary.json"
 TMP_SUFFIX = ".tmp"
+# rows per written row group: the RowReader reads a whole row group for one random row (bench/reader.py)
+DEFAULT_ROW_GROUP_SIZE = 32
 IMAGE_FORMATS = ("same", "png", "jpeg")
 
 
@@ -176,7 +178,8 @@ def _convert_table(
 
 
 def convert_shard(
-    in_path: Path, out_path: Path, params: PhaseParams, shard_index: int = 0, row_group_size: int = 32
+    in_path: Path, out_path: Path, params: PhaseParams, shard_index: int = 0,
+    row_group_size: int = DEFAULT_ROW_GROUP_SIZE,
 ) -> dict:
     """Convert one shard (atomically: temporary file, then rename) and return its statistics."""
     start = time.perf_counter()
@@ -255,7 +258,7 @@ def create_phase(
     image_format: str = "same",
     jpeg_quality: int = 95,
     image_column: str = "image",
-    row_group_size: int = 32,
+    row_group_size: int = DEFAULT_ROW_GROUP_SIZE,
     progress: bool = True,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     min_side: int = DEFAULT_MIN_SIDE,
