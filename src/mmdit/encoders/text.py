@@ -297,9 +297,10 @@ def prepare_text_encoder(
 ) -> LoadedTextEncoder:
     """Freeze ``model`` on ``device``, fix up its tokenizer, log what it runs; shared by loading and benchmarks."""
     model.to(device).eval().requires_grad_(False)
-    tokenizer.padding_side = "right"
-    if tokenizer.pad_token is None:  # decoder-only tokenizers may have none
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if tokenizer is not None:  # None: the caller feeds token ids to encode_tokens (benchmarks)
+        tokenizer.padding_side = "right"
+        if tokenizer.pad_token is None:  # decoder-only tokenizers may have none
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     max_length = cfg.max_length
     limit = _max_positions(model.config)
     if limit is not None and max_length > limit:
