@@ -27,3 +27,7 @@ def test_gpu_suite_runs_tiny_on_cpu_and_writes_every_entry(tmp_path):
     every = set(results["variants"]) | set(results["skipped"])
     assert len(every) == 10 and all(results["skipped"].values())  # each skip says why
     assert "no backward on the CPU" in results["skipped"]["eager flex ckpt=none"]
+    # step 2 (issue 14): one loader's encoders against the model step, in the same output folder
+    loader = json.loads((tmp_path / "loader_throughput.json").read_text())
+    assert loader["tiny"] and set(loader["ratio"]) == {"sd3_256", "sd3_512"} and all(loader["ratio"].values())
+    assert "ratio sd3_256=" in run.stdout

@@ -162,9 +162,16 @@ class EncodersConfig:
     dtype: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU
     # captions kept encoded on each loader (an LRU; misses are encoded one by one); 0 = off, for unique captions
     caption_cache: int = 0
+    # attention kernel asked of each text encoder (transformers' attn_implementation); a class without it
+    # (Gemma 2 has no SDPA in transformers 5: logit softcapping) falls back to eager, with a log line
+    attention: str = "sdpa"
+    # torch.compile the text encoders' and the VAE encoder's forward (first batches of each shape compile)
+    compile: bool = False
+    compile_backend: str = "inductor"
 
     def __post_init__(self) -> None:
         _choice("encoders.dtype", self.dtype, ("auto", "fp32", "bf16", "fp16"))
+        _choice("encoders.attention", self.attention, ("sdpa", "eager", "flex_attention", "flash_attention_2"))
 
 
 @dataclass

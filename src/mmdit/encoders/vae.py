@@ -2,12 +2,15 @@
 
 Both take images as uint8 [B, 3, H, W] (0..255) or float in [-1, 1], and decode to float in [-1, 1].
 The VAE stores latents normalised as ``(z - shift_factor) * scaling_factor`` with the constants from the
-VAE's own config (a missing shift is 0), which :meth:`VAECodec.decode` inverts exactly.
+VAE's own config (a missing shift is 0), which :meth:`VAECodec.decode` inverts exactly. The VAE runs in
+channels-last memory (the layout cuDNN's convolutions are fastest in), its encoder under
+``torch.inference_mode``, optionally compiled (``encoders.compile``).
 """
 
 from __future__ import annotations
 
 import abc
+import logging
 import os
 from pathlib import Path
 from typing import Optional
@@ -17,7 +20,16 @@ from torch import Tensor
 
 from mmdit.config import EncodersConfig
 
-from .text import EncoderNotFoundError, _looks_like_path, _missing_message, offload_to_cpu, resolve_dtype
+from .text import (
+    EncoderNotFoundError,
+    _looks_like_path,
+    _missing_message,
+    compile_module,
+    offload_to_cpu,
+    resolve_dtype,
+)
+
+log = logging.getLogger(__name__)
 
 
 def images_to_float(images: Tensor) -> Tensor:
@@ -106,14 +118,21 @@ class VAECodec(ImageCodec):
 
     ``sample=True`` (default) draws z from the posterior with ``generator``; ``sample=False`` takes its
     mean. Both can be overridden per ``encode`` call. ``chunk`` > 0 encodes/decodes that many images at a
-    time to bound memory.
+    time to bound memory. ``compile_backend`` non-empty compiles the encoder half with that backend.
     """
 
-    def __init__(self, vae, device: torch.device | str = "cpu", sample: bool = True, chunk: int = 0):
+    def __init__(
+        self, vae, device: torch.device | str = "cpu", sample: bool = True, chunk: int = 0, compile_backend: str = ""
+    ):
         self.vae = vae.eval().requires_grad_(False)
         self.device = torch.device(device)
-        self.vae.to(self.device)
+        self.vae.to(self.device, memory_format=torch.channels_last)
         self.dtype = next(vae.parameters()).dtype
+        self.compiled = bool(compile_backend)
+        if compile_backend:
+            compile_module(self.vae.encoder, compile_backend)
+        log.info("VAE (encoders.vae): %s, %s on %s, channels_last%s", type(vae).__name__, str(self.dtype)[6:],
+                 self.device, f", encoder compiled ({compile_backend})" if compile_backend else "")
         self.sample = sample
         self.chunk = chunk
         cfg = vae.config
@@ -131,6 +150,7 @@ class VAECodec(ImageCodec):
         dtype: torch.dtype = torch.float32,
         sample: bool = True,
         chunk: int = 0,
+        compile_backend: str = "",
     ) -> VAECodec:
         from diffusers import AutoencoderKL
         from diffusers.utils import is_accelerate_available
@@ -157,35 +177,40 @@ class VAECodec(ImageCodec):
                 what = f"VAE (encoders.vae, encoders.vae_subfolder={subfolder!r})"
             hint = "set encoders.vae='' for pixel space, "
             raise EncoderNotFoundError(_missing_message(what, name_or_path, err, hint)) from err
-        return cls(vae, device=device, sample=sample, chunk=chunk)
+        return cls(vae, device=device, sample=sample, chunk=chunk, compile_backend=compile_backend)
 
     def _chunks(self, x: Tensor) -> list[Tensor]:
         return list(x.split(self.chunk)) if self.chunk and x.shape[0] > self.chunk else [x]
 
-    @torch.no_grad()
     def encode(
         self, images: Tensor, sample: Optional[bool] = None, generator: Optional[torch.Generator] = None
     ) -> Tensor:
-        """uint8 [B, 3, H, W] or float in [-1, 1] -> normalised latents [B, C, H/f, W/f] in the VAE's dtype."""
+        """uint8 [B, 3, H, W] or float in [-1, 1] -> normalised latents [B, C, H/f, W/f] in the VAE's dtype.
+
+        A plain contiguous tensor (copied out of inference mode, so autograd may save it).
+        """
         sample = self.sample if sample is None else sample
-        x = images_to_float(images.to(self.device)).to(self.dtype)
-        outs = []
-        for part in self._chunks(x):
-            dist = self.vae.encode(part).latent_dist
-            z = dist.sample(generator=generator) if sample else dist.mean
-            outs.append((z - self.shift_factor) * self.scaling_factor)
-        return torch.cat(outs)
+        with torch.inference_mode():
+            x = images_to_float(images.to(self.device)).to(self.dtype).contiguous(memory_format=torch.channels_last)
+            outs = []
+            for part in self._chunks(x):
+                dist = self.vae.encode(part).latent_dist
+                z = dist.sample(generator=generator) if sample else dist.mean
+                outs.append((z - self.shift_factor) * self.scaling_factor)
+            latents = torch.cat(outs)
+        return latents.clone(memory_format=torch.contiguous_format)
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
         """Normalised latents -> float32 images in [-1, 1]."""
         z = latents.to(self.device, self.dtype) / self.scaling_factor + self.shift_factor
+        z = z.contiguous(memory_format=torch.channels_last)
         outs = [self.vae.decode(part).sample.float().clamp(-1.0, 1.0) for part in self._chunks(z)]
         return torch.cat(outs)
 
     def to(self, device: torch.device | str) -> VAECodec:
         self.device = torch.device(device)
-        self.vae.to(self.device)
+        self.vae.to(self.device, memory_format=torch.channels_last)
         return self
 
     def __repr__(self) -> str:
@@ -211,5 +236,6 @@ def make_codec(
         # pixels stay fp32 whatever the encoder dtype: cheap, and uint8 -> float -> uint8 stays exact
         return PixelCodec(device=device, dtype=torch.float32)
     return VAECodec.from_pretrained(
-        cfg.vae, subfolder=cfg.vae_subfolder, device=device, dtype=torch_dtype, sample=sample, chunk=chunk
+        cfg.vae, subfolder=cfg.vae_subfolder, device=device, dtype=torch_dtype, sample=sample, chunk=chunk,
+        compile_backend=cfg.compile_backend if cfg.compile else "",
     )
