@@ -216,9 +216,16 @@ class DataConfig:
     image_background: list[int] = field(default_factory=lambda: [255, 255, 255])
     # a row whose image header has more pixels than this is skipped as corrupt (create_phase's default)
     max_image_pixels: int = 100_000_000
+    # where batches come from: "online" (read, decode and encode the shards) or "cache" (read what
+    # `python -m mmdit precompute` wrote to cache_dir; no encoder runs, see mmdit.cache)
+    source: str = "online"
+    cache_dir: str = ""
 
     def __post_init__(self) -> None:
         _positive("data.batch_size", self.batch_size)
+        _choice("data.source", self.source, ("online", "cache"))
+        if self.source == "cache" and not self.cache_dir:
+            raise ConfigError("data.source=cache needs data.cache_dir (the --output_dir of python -m mmdit precompute)")
         _probability("data.first_caption_prob", self.first_caption_prob)
         _choice("data.small_buckets", self.small_buckets, ("drop", "merge"))
 
