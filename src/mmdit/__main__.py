@@ -1,7 +1,8 @@
 """Command line: ``python -m mmdit <command> ...``.
 
   params       --config PRESET [key=value ...]   parameter count (meta device, nothing allocated)
-  tiny-models  DIR                               build tiny random-weight encoders + VAE for tests and the demo
+  tiny-models  DIR                               build tiny random-weight encoders, VAE and VLM for tests and the demo
+  precompute   --config PRESET --output_dir DIR  encode the bucketed shards once into a cache (data.source=cache)
   score        ...                               score generated shape images (colour, shape, position)
   demo         [--quick]                         the CPU demo end to end
 """
@@ -14,6 +15,7 @@ import sys
 
 COMMANDS = {
     "tiny-models": "mmdit.encoders.tiny",
+    "precompute": "mmdit.cache.cli",
     "score": "mmdit.score",
     "demo": "mmdit.demo",
 }

@@ -228,11 +228,18 @@ class DataConfig:
     # memory for shard footers parsed once per process and shared by the workers (0 = parse on every
     # open); ~2.9 MB per 10k rows at 32 rows per group, so 4096 holds ~14M rows; beyond, LRU and a warning
     footer_cache_mb: float = 4096
+    # where batches come from: "online" (read, decode and encode the shards) or "cache" (read what
+    # `python -m mmdit precompute` wrote to cache_dir; no encoder runs, see mmdit.cache)
+    source: str = "online"
+    cache_dir: str = ""
 
     def __post_init__(self) -> None:
         _positive("data.batch_size", self.batch_size)
         _positive("data.open_files", self.open_files, allow_zero=True)
         _positive("data.footer_cache_mb", self.footer_cache_mb, allow_zero=True)
+        _choice("data.source", self.source, ("online", "cache"))
+        if self.source == "cache" and not self.cache_dir:
+            raise ConfigError("data.source=cache needs data.cache_dir (the --output_dir of python -m mmdit precompute)")
         _probability("data.first_caption_prob", self.first_caption_prob)
         _choice("data.small_buckets", self.small_buckets, ("drop", "merge"))
 

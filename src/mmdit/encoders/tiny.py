@@ -9,6 +9,9 @@ for real Hugging Face names (``AutoTokenizer`` / ``AutoModel`` / ``CLIPTextModel
 * ``clip``       ``CLIPTextModelWithProjection`` (pooled, projection 24); ``<|startoftext|> ... <|endoftext|>``
 * ``vae``        ``AutoencoderKL`` with 16 latent channels and 8x downsampling, SD3's shift/scale.
 
+``build_tiny_vlm(out_dir)`` writes a tiny LLaVA (the recaptioning VLM, :mod:`mmdit.data.recaption`);
+the CLI builds it too, as ``<dir>/vlm``.
+
 Tokenizers are ``tokenizers`` WordPiece models whose vocabulary is learned offline from generated
 caption-like sentences, wrapped in ``PreTrainedTokenizerFast`` (transformers 5 saves it as a
 ``TokenizersBackend``). Everything, weights and vocabularies, is deterministic for a seed.
@@ -265,6 +268,63 @@ def _build_vae(out: Path, seed: int) -> None:
     vae.save_pretrained(out)
 
 
+VLM_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "[UNK]"]
+# a ChatML-style template: the processor expands <image> into the vision tokens
+VLM_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}{% if c['type'] == 'image' %}"
+    "<image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_tiny_vlm(out: str | os.PathLike, seed: int = 0) -> str:
+    """A tiny random-weight ``LlavaForConditionalGeneration`` (CLIP vision tower, Llama text model) with its
+    ``LlavaProcessor`` (PIL CLIP image processor, WordPiece tokenizer, chat template), saved to ``out``.
+
+    It loads through ``AutoProcessor`` / ``AutoModelForImageTextToText`` like a real LLaVA, so
+    ``data/recaption.py`` runs its real code path in tests; what it generates is random text.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import (
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
+
+    out = Path(out)
+    vocab = _wordpiece_vocab(caption_corpus(400, seed), VLM_SPECIALS, 320)
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Sequence([normalizers.NFD(), normalizers.Lowercase(), normalizers.StripAccents()])
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.add_special_tokens(VLM_SPECIALS)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   bos_token="<|im_start|>", unk_token="[UNK]", padding_side="left")
+    ids = {t: fast.convert_tokens_to_ids(t) for t in VLM_SPECIALS}
+    cfg = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                       image_size=32, patch_size=8, projection_dim=32),
+        text_config=LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+                                bos_token_id=ids["<|im_start|>"]),
+        image_token_id=ids["<image>"], vision_feature_layer=-1, vision_feature_select_strategy="full",
+    )
+    _seed_all(seed + 4)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    model.generation_config.update(eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    images = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = LlavaProcessor(image_processor=images, tokenizer=fast, patch_size=8,
+                               vision_feature_select_strategy="full", chat_template=VLM_CHAT_TEMPLATE,
+                               image_token="<image>", num_additional_image_tokens=1)
+    model.save_pretrained(out), processor.save_pretrained(out)
+    return str(out.resolve())
+
+
 def build_tiny_models(out_dir: str | os.PathLike, seed: int = 0) -> dict[str, str]:
     """Build and save the tiny models under ``out_dir``; returns {"gemma2"|"modernbert"|"clip"|"vae": folder}."""
     out_dir = Path(out_dir)
@@ -371,6 +431,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     dirs = build_tiny_models(args.out_dir, seed=args.seed)
+    dirs["vlm"] = build_tiny_vlm(Path(args.out_dir) / "vlm", seed=args.seed)  # for data/recaption.py
     for name, path in dirs.items():
         print(f"{name:<11} {path}")
     dims = tiny_model_dims()

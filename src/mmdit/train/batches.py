@@ -31,9 +31,28 @@ MAX_REPLACEMENT_TRIES = 16
 
 
 def build_schedule(cfg: Config, segments: list[dict]) -> tuple[BucketIndex, SegmentedSchedule]:
-    """The index and the global sample order over the run's schedule segments (:mod:`mmdit.data.segments`)."""
-    index = BucketIndex.load(cfg.data.bucket_indices_path, cfg.data.parquet_folder)
+    """The index and the global sample order over the run's schedule segments (:mod:`mmdit.data.segments`).
+
+    With ``data.source=cache`` the index is the cache's copy (checked against the config's manifest), so
+    the cached run follows the same schedule as an online one over the same data.
+    """
+    if cfg.data.source == "cache":
+        from ..cache.reader import load_cache_index
+
+        index = load_cache_index(cfg)
+    else:
+        index = BucketIndex.load(cfg.data.bucket_indices_path, cfg.data.parquet_folder)
     return index, SegmentedSchedule(index, segments)
+
+
+def make_producer(cfg: Config, schedule: SegmentedSchedule, index: BucketIndex, device: torch.device):
+    """The producer ``data.source`` names: online encoding (:class:`BatchProducer`) or the precomputed cache
+    (:class:`mmdit.cache.producer.CachedBatchProducer`); both build the same batch for a (step, model index)."""
+    if cfg.data.source == "cache":
+        from ..cache.producer import CachedBatchProducer
+
+        return CachedBatchProducer(cfg, schedule, index, device)
+    return BatchProducer(cfg, schedule, index, device)
 
 
 class BatchProducer:

@@ -26,7 +26,7 @@ from ..model.flops import device_peak_flops, hardware_flops_per_image, train_flo
 from ..model.policy import compile_blocks, compile_enabled
 from . import checkpoint as ckpt
 from .balance import BalanceMonitor, RankBalance, balance_metrics, gather_balance
-from .batches import BatchProducer, build_schedule, local_source, remote_source, run_loader
+from .batches import build_schedule, local_source, make_producer, remote_source, run_loader
 from .metrics import LossByT, MetricsLogger
 from .optim import EMA, make_optimizer, make_scheduler
 from .resume import ResumePlan, agree_resume, check_loaded_step, data_layout
@@ -73,7 +73,7 @@ def _loader_main(cfg: Config, rt: Runtime, plan: ResumePlan) -> dict:
     if cfg.data.loader_threads:
         torch.set_num_threads(cfg.data.loader_threads)
     index, schedule = build_schedule(cfg, plan.segments)
-    producer = BatchProducer(cfg, schedule, index, rt.device)
+    producer = make_producer(cfg, schedule, index, rt.device)
     stats = run_loader(producer, rt.topology, rt.rank, rt.data_group, plan.start_micro, plan.stop_micro, rt.stop)
     busy = stats["encode_s"] + stats["wait_for_model_s"]
     stats["loader_wait_frac"] = stats["wait_for_model_s"] / busy if busy else 0.0
@@ -228,7 +228,7 @@ class Trainer:
             return remote_source(rt.topology.loader_of(rt.rank), rt.data_group, plan.start_micro, plan.stop_micro,
                                  self.device)
         index, schedule = build_schedule(cfg, plan.segments)
-        producer = BatchProducer(cfg, schedule, index, self.device)
+        producer = make_producer(cfg, schedule, index, self.device)
         return local_source(producer, self.model_index, plan.start_micro, plan.stop_micro)
 
     def _end_stream(self, source, micro: int) -> None:
