@@ -327,9 +327,10 @@ class EvalConfig:
 
     parquet_folder: str = ""
     index: str = ""
-    # optimizer steps between validation losses / image metrics in the training loop; 0 = off
-    loss_every: int = 0
-    images_every: int = 0
+    # optimizer steps between validation losses / image metrics in the training loop (when parquet_folder is
+    # set); 0 = off
+    loss_every: int = 1000
+    images_every: int = 10000
     # eval-set rows used for the loss (the first ones of the index, bucket by bucket); 0 = all
     loss_samples: int = 256
     # timesteps of the loss grid, placed at the mid-quantiles of the training law (flow.*), then shifted
@@ -341,8 +342,6 @@ class EvalConfig:
     num_images: int = 256
     dino: str = "facebook/dinov2-base"
     clip: str = "openai/clip-vit-large-patch14"
-    # Inception FID through torchmetrics + torch-fidelity (optional extras; needs their weights)
-    inception_fid: bool = False
     # images shown in the grid written to the run folder / wandb
     grid_images: int = 8
     seed: int = 0
