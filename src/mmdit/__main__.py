@@ -4,6 +4,7 @@
   tiny-models  DIR                               build tiny random-weight encoders + VAE for tests and the demo
   score        ...                               score generated shape images (colour, shape, position)
   demo         [--quick]                         the CPU demo end to end
+  evaluate     --checkpoint DIR --eval_set DIR   validation loss, FD-DINOv2, CLIP score to CSV/JSON; --plot RUN
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ COMMANDS = {
     "tiny-models": "mmdit.encoders.tiny",
     "score": "mmdit.score",
     "demo": "mmdit.demo",
+    "evaluate": "mmdit.eval.evaluate",
 }
 
 
