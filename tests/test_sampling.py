@@ -240,3 +240,30 @@ def test_sample_with_config_and_errors():
         sample(gaussian_velocity, noise, sampler="ddim")
     with pytest.raises(ValueError, match="batch"):
         sample(cond_velocity, noise[:2], cond, cfg_scale=2.0)
+
+
+def test_shift_rule_base_size_presets_and_explicit():
+    """One rule: 1 at the 256 px base, sqrt(tokens / 256) above it; the 1024 preset samples with its 3.0."""
+    from mmdit.config import load_config
+    from mmdit.flow import image_tokens, timestep_grid, timestep_shift
+    from mmdit.sampling import sampling_shift
+
+    c512 = load_config("sd3_512")
+    assert image_tokens(c512.model, 256, 256) == 256 and image_tokens(c512.model, 1024, 512) == 2048
+    assert sampling_shift(c512, 256, 256) == 1.0
+    assert sampling_shift(c512, 512, 512) == 2.0 and sampling_shift(c512, 1024, 1024) == 4.0
+    assert timestep_shift(c512.flow, 4096) == 4.0  # training at 1024 px: the same function
+    c1024 = load_config("sd3_1024")
+    assert c1024.flow.shift_base_tokens == 256 and sampling_shift(c1024, 1024, 1024) == 3.0
+    assert sampling_shift(load_config("sd3_1024", ["sample.shift=null"]), 1024, 1024) == 4.0
+    assert sampling_shift(load_config("sd3_256"), 1024, 1024) == 1.0  # no base tokens: no shift
+    noise = sample_noise((2, 3), gen(0))
+    with pytest.raises(ValueError, match="sampling_shift"):
+        sample_with_config(gaussian_velocity, noise, None, SampleConfig(cfg_scale=1.0))
+    a = sample_with_config(gaussian_velocity, noise, None, SampleConfig(num_steps=3, cfg_scale=1.0), shift=2.0)
+    assert torch.equal(a, sample(gaussian_velocity, noise, num_steps=3, shift=2.0))
+    # the validation-loss grid: mid-quantiles of the training law
+    grid = timestep_grid(c512.flow, 8)
+    assert grid.shape == (8,) and (grid.diff() > 0).all() and abs(grid[3] + grid[4] - 1) < 1e-12
+    assert torch.allclose(timestep_grid(load_config("tiny", ["flow.timestep_sampling=uniform"]).flow, 4),
+                          torch.tensor([0.125, 0.375, 0.625, 0.875], dtype=torch.float64))

@@ -5,6 +5,7 @@
   precompute   --config PRESET --output_dir DIR  encode the bucketed shards once into a cache (data.source=cache)
   score        ...                               score generated shape images (colour, shape, position)
   demo         [--quick]                         the CPU demo end to end
+  evaluate     --checkpoint DIR --eval_set DIR   validation loss, FD-DINOv2, CLIP score to CSV/JSON; --plot RUN
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ COMMANDS = {
     "precompute": "mmdit.cache.cli",
     "score": "mmdit.score",
     "demo": "mmdit.demo",
+    "evaluate": "mmdit.eval.evaluate",
 }
 
 

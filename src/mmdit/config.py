@@ -329,8 +329,9 @@ class SampleConfig:
     sampler: str = "euler"
     num_steps: int = 28
     cfg_scale: float = 5.0
-    # timestep shift for sampling (SD3 uses 3.0 at 1024 px); 1.0 = none
-    shift: float = 1.0
+    # timestep shift for sampling; null = the training rule at the size sampled (mmdit.flow.timestep_shift:
+    # sqrt(tokens / flow.shift_base_tokens), 1 without flow.shift_base_tokens); a number = that shift at any size
+    shift: Optional[float] = None
     noise_scale: float = 1.0  # euler_stochastic only
     # compile each JointBlock for validation and inference; null = on for CUDA, off on the CPU
     compile: Optional[bool] = None
@@ -338,7 +339,46 @@ class SampleConfig:
     def __post_init__(self) -> None:
         _choice("sample.sampler", self.sampler, ("euler", "heun", "euler_stochastic"))
         _positive("sample.num_steps", self.num_steps)
-        _positive("sample.shift", self.shift)
+        if self.shift is not None:
+            _positive("sample.shift", self.shift)
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation (mmdit.eval): validation loss at fixed timesteps, FD-DINOv2 and CLIP score.
+
+    The eval set is a parquet folder of its own (never trained on) with a bucket index, both written by the
+    data tools; ``index`` "" means ``<parquet_folder>/bucket_indices.npz``.
+    """
+
+    parquet_folder: str = ""
+    index: str = ""
+    # optimizer steps between validation losses / image metrics in the training loop (when parquet_folder is
+    # set); 0 = off
+    loss_every: int = 1000
+    images_every: int = 10000
+    # eval-set rows used for the loss (the first ones of the index, bucket by bucket); 0 = all
+    loss_samples: int = 256
+    # timesteps of the loss grid, placed at the mid-quantiles of the training law (flow.*), then shifted
+    num_timesteps: int = 8
+    # weights the in-loop loss is computed for: ema, model (raw) or both
+    loss_weights: list[str] = field(default_factory=lambda: ["ema", "model"])
+    batch_size: int = 16
+    # generated images (prompts = the first eval rows' first caption column, seeds = seed + row)
+    num_images: int = 256
+    dino: str = "facebook/dinov2-base"
+    clip: str = "openai/clip-vit-large-patch14"
+    # images shown in the grid written to the run folder / wandb
+    grid_images: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for key in ("loss_every", "images_every", "loss_samples"):
+            _positive(f"eval.{key}", getattr(self, key), allow_zero=True)
+        for key in ("num_timesteps", "batch_size", "num_images"):
+            _positive(f"eval.{key}", getattr(self, key))
+        for w in self.loss_weights:
+            _choice("eval.loss_weights[]", w, ("ema", "model"))
 
 
 @dataclass
@@ -350,6 +390,7 @@ class Config:
     topology: TopologyConfig = field(default_factory=TopologyConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         sequence = [e for e in self.encoders.text if e.kind == "sequence"]

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .config import FlowConfig, TextEncoderConfig
+from .config import FlowConfig, ModelConfig, TextEncoderConfig
 
 LOSS_WEIGHTINGS = ("none", "snr_clip")
 # Hang et al. 2023 (Min-SNR-gamma) default; FlowConfig has no field for it yet
@@ -112,6 +112,23 @@ def resolution_shift(num_tokens: int, base_tokens: int) -> float:
     return math.sqrt(num_tokens / base_tokens)
 
 
+def image_tokens(model_cfg: ModelConfig, height: int, width: int) -> int:
+    """Image tokens of a ``height`` x ``width`` px image: (side / (latent_factor x patch_size)) per side."""
+    step = model_cfg.pixel_step
+    return (height // step) * (width // step)
+
+
+def timestep_shift(flow_cfg: FlowConfig, num_tokens: int) -> float:
+    """The one resolution-shift rule, for training, sampling, validation and evaluation alike.
+
+    sqrt(num_tokens / flow.shift_base_tokens) (SD3; base 256 tokens = 256 px with the SD3 VAE and patch 2,
+    so 2 at 512 px and 4 at 1024 px), and 1 when ``flow.shift_base_tokens`` is 0 (no shift).
+    """
+    if flow_cfg.shift_base_tokens <= 0:
+        return 1.0
+    return resolution_shift(num_tokens, flow_cfg.shift_base_tokens)
+
+
 def sample_timesteps(
     n: int,
     cfg: FlowConfig,
@@ -136,8 +153,24 @@ def sample_timesteps(
     if cfg.shift_base_tokens > 0:
         if num_tokens is None:
             raise ValueError("flow.shift_base_tokens > 0 needs num_tokens (image tokens of the batch) for the shift")
-        t = shift_timesteps(t, resolution_shift(num_tokens, cfg.shift_base_tokens))
+        t = shift_timesteps(t, timestep_shift(cfg, num_tokens))
     return t
+
+
+def timestep_grid(cfg: FlowConfig, num: int) -> Tensor:
+    """``num`` fixed timesteps [num] (float64, increasing) at the mid-quantiles (k + 0.5) / num of the
+    training law ``cfg.timestep_sampling``, before any shift: where training puts its mass, so does the grid."""
+    if num < 1:
+        raise ValueError(f"num={num} timesteps must be >= 1")
+    q = (torch.arange(num, dtype=torch.float64) + 0.5) / num
+    kind = cfg.timestep_sampling
+    if kind == "logit_normal":
+        return logit_normal_quantile(q, cfg.logit_mean, cfg.logit_std)
+    if kind == "uniform":
+        return q
+    if kind == "mode":
+        return mode_transform(1 - q, cfg.mode_scale)
+    raise ValueError(f"unknown flow.timestep_sampling {kind!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -8,8 +8,13 @@
 Checkpoints are the trainer's ``<run>/step_<N>/`` folders (``mmdit.train.checkpoint``): ``config.yaml`` gives
 the architecture, text encoders and VAE; ``ema.safetensors`` (default) or ``model.safetensors`` the weights,
 loaded strictly -- a config that does not describe the weights is one :class:`CheckpointMismatchError` that
-lists what differs. The model runs in bf16 on CUDA and fp32 on the CPU (``dtype`` overrides), except its
-learnable time scale, which stays fp32 (t x 1000 in bf16 would round t to ~1/256).
+lists what differs.
+
+Numerics are training's: fp32 weights under autocast (bf16 on CUDA, none on the CPU; ``precision``
+overrides), so LayerNorm, modulation and the output layer run as they did in training. ``dtype=bf16``
+casts the weights instead (half the memory; every op then runs in bf16, except the learnable time scale,
+which stays fp32: t x 1000 in bf16 would round t to ~1/256). ``tests/test_inference.py`` records how far
+the two drift apart. The timestep shift is :func:`mmdit.sampling.sampling_shift` at the size sampled.
 
 Seeds. Image k of a call (prompts in order, ``num_per_prompt`` images each) starts from the noise of
 ``seed + k``, drawn on the CPU (:func:`mmdit.sampling.sample_noise`), so a seed gives the same images on
@@ -59,7 +64,7 @@ from .conditioning import TextCondition
 from .config import Config
 from .image_files import image_filename, image_grid, save_gif, save_images, slugify  # noqa: F401
 from .model.policy import compile_blocks, compile_enabled
-from .sampling import SAMPLERS, sample, sample_noise
+from .sampling import SAMPLERS, sample, sample_noise, sampling_shift
 
 log = logging.getLogger(__name__)
 
@@ -113,13 +118,15 @@ class Pipeline:
     """A checkpoint's MMDiT with its text encoders and image codec, loaded once; :meth:`generate` samples."""
 
     def __init__(self, model, cfg: Config, encoders, codec, device, dtype, step_dir: Optional[Path] = None,
-                 weights: str = "ema"):
+                 weights: str = "ema", precision: Optional[torch.dtype] = None):
         self.model = model
         self.cfg = cfg
         self.encoders = encoders
         self.codec = codec
         self.device = torch.device(device)
-        self.dtype = dtype
+        self.dtype = dtype  # of the weights (and of the inputs handed to the model)
+        # autocast dtype over fp32 weights (training's numerics); bf16 weights run as they are
+        self.precision = precision or default_dtype(self.device)
         self.step_dir = step_dir
         self.weights = weights
         self.last_seed: Optional[int] = None
@@ -146,24 +153,26 @@ class Pipeline:
         device: Union[str, torch.device, None] = None,
         weights: str = "ema",
         dtype: Optional[torch.dtype] = None,
+        precision: Optional[torch.dtype] = None,
     ) -> Pipeline:
         """Load a step directory, or a run directory's newest complete checkpoint.
 
         device: default CUDA if available, else CPU. weights: ``ema`` (default) or ``model``.
-        dtype: the diffusion model's dtype (default bf16 on CUDA, fp32 on CPU); the text encoders and VAE
-        use ``encoders.dtype`` from the config (auto = the same rule).
+        dtype: the diffusion model's weights, fp32 by default; ``torch.bfloat16`` saves memory at the cost of
+        training's numerics. precision: the autocast dtype over fp32 weights (default bf16 on CUDA, fp32 =
+        no autocast on the CPU). The text encoders and VAE use ``encoders.dtype`` (auto = bf16 on CUDA).
         """
         from .encoders import TextEncoders, make_codec, resolve_dtype
 
         device = torch.device(device) if device is not None else default_device()
-        model, cfg, step_dir = load_model(path, weights=weights, device=device, dtype=dtype)
+        model, cfg, step_dir = load_model(path, weights=weights, device=device, dtype=dtype or torch.float32)
         enc_dtype = resolve_dtype(cfg.encoders.dtype, device)
         # encoders live on the CPU between calls when sampling on CUDA (moved in for encoding only)
         enc_device = "cpu" if device.type == "cuda" else device
         encoders = TextEncoders.from_config(cfg.encoders, enc_device, dtype=enc_dtype) if cfg.encoders.text else None
         codec = make_codec(cfg.encoders, device, dtype=enc_dtype)
         log.info("loaded %s (%s weights) on %s", step_dir, weights, device)
-        return cls(model, cfg, encoders, codec, device, next(model.parameters()).dtype, step_dir, weights)
+        return cls(model, cfg, encoders, codec, device, next(model.parameters()).dtype, step_dir, weights, precision)
 
     @property
     def step(self) -> Optional[int]:
@@ -185,8 +194,11 @@ class Pipeline:
         return cond.to(self.device, self.dtype)
 
     def velocity(self, x: Tensor, t: Tensor, cond) -> Tensor:
-        """The model as the sampler's velocity_fn: x in the model's dtype, t kept fp32, v back in fp32."""
-        return self.model(x.to(self.dtype), t.float(), cond).float()
+        """The model as the sampler's velocity_fn: x in the weights' dtype, t kept fp32, v back in fp32;
+        fp32 weights run under autocast to ``precision``, as in training."""
+        use_autocast = self.dtype == torch.float32 and self.precision != torch.float32
+        with torch.autocast(self.device.type, dtype=self.precision, enabled=use_autocast):
+            return self.model(x.to(self.dtype), t.float(), cond).float()
 
     def decode(self, latents: Tensor) -> list:
         """Model-space latents [B, C, h, w] -> list of PIL images."""
@@ -215,7 +227,8 @@ class Pipeline:
     ):
         """Sample ``num_per_prompt`` images for each prompt; returns a list of PIL images in prompt order.
 
-        Unset arguments come from the checkpoint's ``sample`` config (size: ``model.max_res`` square).
+        Unset arguments come from the checkpoint's ``sample`` config (size: ``model.max_res`` square; shift:
+        :func:`mmdit.sampling.sampling_shift` at the size asked for).
         batch_size: images per model pass (CFG doubles it: cond and uncond go in one batch).
         seed: image k uses seed + k (None/-1: random; see the module doc). callback(i, t, x) is passed to the
         sampler for every batch. Each image's ``info`` holds prompt, seed, sampler, steps, cfg_scale, shift,
@@ -223,12 +236,12 @@ class Pipeline:
         ``num_steps`` PIL frames (``frame_mode`` "x0" or "state", see the module doc).
         """
         sc = self.cfg.sample
-        width = int(width or self.cfg.model.max_res)
-        height = int(height or self.cfg.model.max_res)
         num_steps = int(num_steps or sc.num_steps)
         cfg_scale = float(sc.cfg_scale if cfg_scale is None else cfg_scale)
         sampler = sampler or sc.sampler
-        shift = float(sc.shift if shift is None else shift)
+        width = int(width or self.cfg.model.max_res)
+        height = int(height or self.cfg.model.max_res)
+        shift = float(sampling_shift(self.cfg, height, width) if shift is None else shift)
         noise_scale = float(sc.noise_scale if noise_scale is None else noise_scale)
         if sampler not in SAMPLERS:
             raise InferenceError(f"unknown sampler {sampler!r}; choose one of {list(SAMPLERS)}")

@@ -26,8 +26,8 @@ import torch
 from torch import Tensor
 
 from .conditioning import TextCondition
-from .config import SampleConfig
-from .flow import shift_timesteps
+from .config import Config, SampleConfig
+from .flow import image_tokens, shift_timesteps, timestep_shift
 
 SAMPLERS = ("euler", "heun", "euler_stochastic")
 
@@ -195,6 +195,15 @@ def stochastic_step(
     return (1 - t_next) * x0_hat + t_next * (c * eps_hat + (1 - c * c) ** 0.5 * z)
 
 
+def sampling_shift(cfg: Config, height: int, width: int) -> float:
+    """The timestep shift to sample ``height`` x ``width`` px images with: ``sample.shift`` when given, else
+    the training rule :func:`mmdit.flow.timestep_shift` at that size (inference, validation and evaluation
+    all call this, so they agree with each other and with training)."""
+    if cfg.sample.shift is not None:
+        return float(cfg.sample.shift)
+    return timestep_shift(cfg.flow, image_tokens(cfg.model, height, width))
+
+
 def sample_with_config(
     velocity_fn: VelocityFn,
     noise: Tensor,
@@ -202,8 +211,17 @@ def sample_with_config(
     cfg: SampleConfig,
     generator: Optional[torch.Generator] = None,
     callback: Optional[Callback] = None,
+    shift: Optional[float] = None,
 ) -> Tensor:
-    """:func:`sample` with sampler, steps, guidance, shift and noise scale from a SampleConfig."""
+    """:func:`sample` with sampler, steps, guidance, shift and noise scale from a SampleConfig.
+
+    ``shift`` (from :func:`sampling_shift`) is needed when ``cfg.shift`` is null, since the rule depends on
+    the image size; an explicit ``cfg.shift`` wins over it.
+    """
+    if cfg.shift is not None:
+        shift = cfg.shift
+    elif shift is None:
+        raise ValueError("sample.shift is null (the resolution rule): pass shift=sampling_shift(cfg, height, width)")
     return sample(
         velocity_fn,
         noise,
@@ -211,7 +229,7 @@ def sample_with_config(
         sampler=cfg.sampler,
         num_steps=cfg.num_steps,
         cfg_scale=cfg.cfg_scale,
-        shift=cfg.shift,
+        shift=shift,
         noise_scale=cfg.noise_scale,
         generator=generator,
         callback=callback,

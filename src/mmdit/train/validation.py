@@ -1,4 +1,8 @@
-"""Periodic validation: fixed prompts, fixed seeds, EMA weights -> an image grid in the run folder."""
+"""Periodic validation: fixed prompts, fixed seeds, EMA weights -> an image grid in the run folder.
+
+The EMA model keeps its fp32 weights and runs under the training autocast; the timestep shift is
+:func:`mmdit.sampling.sampling_shift` at ``train.validation_size``.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from PIL import Image
 
 from ..config import Config
 from ..encoders import TextEncoders, make_codec, to_pil
-from ..sampling import sample_noise, sample_with_config
+from ..sampling import sample_noise, sample_with_config, sampling_shift
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +45,8 @@ class Validator:
             with torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32):
                 return model(x, t, cond).float()
 
-        latents = sample_with_config(velocity, noise, self.cond, self.cfg.sample)
+        latents = sample_with_config(velocity, noise, self.cond, self.cfg.sample,
+                                     shift=sampling_shift(self.cfg, height, width))
         model.train(was_training)
         images = to_pil(self.codec.decode(latents))
         out_dir.mkdir(parents=True, exist_ok=True)

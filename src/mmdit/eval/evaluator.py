@@ -1,0 +1,180 @@
+"""The in-loop evaluator: held-out validation loss and image metrics, split over all model ranks.
+
+    evaluator = Evaluator(cfg, device, model_group, model_index, num_model_ranks)
+    values = evaluator.validation_losses({"ema": ema_model, "model": model}, step)   # every eval.loss_every
+    values |= evaluator.image_metrics(ema_model, step, run_dir / "eval")            # every eval.images_every
+
+Every model rank must call both at the same steps (they gather over ``model_group``); every rank gets
+the same numbers. The eval set is read and encoded once, here; each rank encodes only its own chunks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..conditioning import TextCondition
+from ..config import Config
+from ..encoders import TextEncoders, make_codec, to_pil, to_uint8
+from ..flow import timestep_grid
+from ..image_files import image_grid
+from ..sampling import sample_noise, sample_with_config, sampling_shift
+from .eval_set import Chunk, EvalSet, gather_by_chunk, mine
+from .metrics import FeatureStats, clip_score, frechet_distance
+from .validation_loss import EncodedChunk, chunk_losses, summarize
+
+log = logging.getLogger(__name__)
+
+
+def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    """The training autocast dtype (``train.precision``; auto = bf16 on CUDA, fp32 on the CPU)."""
+    precision = cfg.train.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+class Evaluator:
+    """Encodes this rank's share of the eval set at construction; then computes metrics for given weights."""
+
+    def __init__(self, cfg: Config, device: torch.device | str, model_group=None, model_index: int = 0,
+                 num_model_ranks: int = 1, dtype: Optional[torch.dtype] = None):
+        self.cfg, self.device = cfg, torch.device(device)
+        self.group, self.model_index, self.num_ranks = model_group, model_index, num_model_ranks
+        self.dtype = dtype or compute_dtype(cfg, self.device)
+        self.eval_set = EvalSet(cfg)
+        self.grid = timestep_grid(cfg.flow, cfg.eval.num_timesteps)
+        t0 = time.perf_counter()
+        encoders = TextEncoders.from_config(cfg.encoders, self.device)
+        self.codec = make_codec(cfg.encoders, self.device)
+        self.loss_chunks = [self._encode(c, encoders, latents=True) for c in self._mine(cfg.eval.loss_samples)]
+        self.image_chunks = [self._encode(c, encoders, latents=False) for c in self._mine(cfg.eval.num_images)]
+        del encoders
+        self._dino = self._clip = None
+        self.real_stats: Optional[FeatureStats] = None
+        self.last_grid = None
+        log.info("eval set %s: %d loss / %d image chunks on model index %d, encoded in %.1fs",
+                 self.eval_set.path, len(self.loss_chunks), len(self.image_chunks), model_index,
+                 time.perf_counter() - t0)
+
+    def _mine(self, num_rows: int) -> list[Chunk]:
+        return mine(self.eval_set.chunks(num_rows), self.model_index, self.num_ranks)
+
+    @torch.no_grad()
+    def _encode(self, chunk: Chunk, encoders: TextEncoders, latents: bool):
+        ids, images, captions = self.eval_set.read(chunk)
+        cond = encoders.encode(captions).trimmed(16).to("cpu") if captions else None
+        if not latents:
+            return chunk, ids, captions, cond
+        g = torch.Generator(self.device).manual_seed(self.cfg.eval.seed * 100003 + chunk.number)
+        z = self.codec.encode(images.to(self.device), generator=g).float().cpu() if len(ids) else None
+        return EncodedChunk(chunk.number, ids, z, cond)
+
+    # ------------------------------------------------------------------ validation loss
+    def validation_loss(self, model: torch.nn.Module, step: int, tag: str = "ema") -> dict[str, float]:
+        """``val/<tag>/loss`` and ``val/<tag>/loss_t<t>`` (t: the unshifted grid) for these weights."""
+        was_training = model.training
+        model.eval()
+        sums, counts = {}, {}
+        for chunk in self.loss_chunks:
+            if len(chunk.ids):
+                sums[chunk.number] = chunk_losses(model, chunk, self.cfg, self.device, self.dtype)
+            counts[chunk.number] = len(chunk.ids)
+        model.train(was_training)
+        merged = gather_by_chunk({n: (sums.get(n), counts[n]) for n in counts}, self.group, self.num_ranks)
+        sums = {n: s for n, (s, c) in merged.items() if c}
+        return summarize(sums, {n: c for n, (_, c) in merged.items() if c}, self.grid, f"val/{tag}")
+
+    def validation_losses(self, models: dict[str, torch.nn.Module], step: int) -> dict[str, float]:
+        """:meth:`validation_loss` for each of ``eval.loss_weights`` found in ``models`` ("ema", "model")."""
+        out: dict[str, float] = {}
+        for tag in self.cfg.eval.loss_weights:
+            if tag in models:
+                out.update(self.validation_loss(models[tag], step, tag))
+        return out
+
+    # ------------------------------------------------------------------ image metrics
+    def _extractors(self):
+        from .features import ClipFeatures, DinoFeatures
+
+        if self._dino is None:
+            self._dino = DinoFeatures(self.cfg.eval.dino, self.device)
+            self._clip = ClipFeatures(self.cfg.eval.clip, self.device)
+        return self._dino, self._clip
+
+    @torch.no_grad()
+    def generate(self, model: torch.nn.Module, chunk: Chunk, ids: np.ndarray, cond: TextCondition) -> torch.Tensor:
+        """uint8 images [B, 3, H, W] of a chunk: its captions, seed eval.seed + id, the sampling config."""
+        c, h, w = self.codec.latent_shape(chunk.height, chunk.width)
+        noise = torch.cat([sample_noise((1, c, h, w), torch.Generator().manual_seed(self.cfg.eval.seed + int(i)),
+                                        self.device) for i in ids])
+
+        def velocity(x, t, cond_):
+            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+                return model(x, t, cond_).float()
+
+        sde = torch.Generator().manual_seed(self.cfg.eval.seed + int(ids[0]) + 2**31)
+        x0 = sample_with_config(velocity, noise, cond.to(self.device), self.cfg.sample, generator=sde,
+                                shift=sampling_shift(self.cfg, chunk.height, chunk.width))
+        return to_uint8(self.codec.decode(x0))
+
+    def _stats_path(self) -> Path:
+        ids = np.concatenate([c.ids for c in self.eval_set.chunks(self.cfg.eval.num_images)])
+        digest = hashlib.sha256(ids.tobytes() + self.eval_set.path.read_bytes()[:1 << 20]).hexdigest()[:12]
+        name = self.cfg.eval.dino.strip("/").replace("/", "--")[-60:]
+        return Path(self.cfg.eval.parquet_folder) / "eval_stats" / f"{name}_{len(ids)}_{digest}.safetensors"
+
+    def _real_stats(self, dino) -> FeatureStats:
+        """DINOv2 statistics of the eval set's real images: computed once (split over ranks), cached beside it."""
+        if self.real_stats is not None:
+            return self.real_stats
+        path = self._stats_path()
+        if path.is_file():
+            self.real_stats = FeatureStats.load(path)[0]
+            return self.real_stats
+        local = {}
+        for chunk, _, _, _ in self.image_chunks:
+            ids, images, _ = self.eval_set.read(chunk)
+            if len(ids):
+                local[chunk.number] = dino(images)
+        feats = gather_by_chunk(local, self.group, self.num_ranks)
+        self.real_stats = FeatureStats.of(torch.cat([feats[n] for n in sorted(feats)]))
+        if self.model_index == 0:
+            self.real_stats.save(path, {"extractor": self.cfg.eval.dino, "eval_set": str(self.eval_set.path)})
+            log.info("cached real-image statistics in %s", path)
+        return self.real_stats
+
+    def image_metrics(self, model: torch.nn.Module, step: int, out_dir: Optional[Path] = None) -> dict[str, float]:
+        """``eval/fd_dinov2`` and ``eval/clip_score`` of generated images; a grid to ``out_dir`` (first rank)."""
+        dino, clip = self._extractors()
+        was_training = model.training
+        model.eval()
+        local, shown = {}, []
+        for chunk, ids, captions, cond in self.image_chunks:
+            if not len(ids):
+                continue
+            images = self.generate(model, chunk, ids, cond)
+            local[chunk.number] = (dino(images), clip.images(images), clip.texts(captions))
+            shown.extend(to_pil(images)[: max(0, self.cfg.eval.grid_images - len(shown))])
+        model.train(was_training)
+        merged = gather_by_chunk(local, self.group, self.num_ranks)
+        order = sorted(merged)
+        fake = FeatureStats.of(torch.cat([merged[n][0] for n in order]))
+        values = {
+            "eval/fd_dinov2": frechet_distance(fake, self._real_stats(dino)),
+            "eval/clip_score": clip_score(torch.cat([merged[n][1] for n in order]),
+                                          torch.cat([merged[n][2] for n in order])),
+        }
+        if self.model_index == 0 and shown:
+            size = shown[0].size
+            self.last_grid = image_grid([im.resize(size) for im in shown])
+            if out_dir is not None:
+                Path(out_dir).mkdir(parents=True, exist_ok=True)
+                self.last_grid.save(Path(out_dir) / f"grid_step_{step:08d}.png")
+        return values
