@@ -145,3 +145,28 @@ def test_model_registers_no_buffers():
     from mmdit.model import MMDiT
 
     assert list(MMDiT(load_config("tiny_latent").model).buffers()) == []
+
+
+def test_training_loop_logs_held_out_metrics(tiny_models, demo_data, tmp_path):
+    """eval.* set: the loop logs the validation loss (EMA and raw) and the image metrics when due."""
+    import json
+
+    from mmdit.eval.tiny_extractors import build_tiny_extractors
+
+    extractors = build_tiny_extractors(tmp_path / "extractors")
+    train_once([
+        f"encoders.text.0.name={tiny_models['gemma2']}", f"encoders.text.1.name={tiny_models['modernbert']}",
+        f"encoders.text.2.name={tiny_models['clip']}", f"encoders.vae={tiny_models['vae']}",
+        f"data.parquet_folder={demo_data['phase']}", f"data.bucket_indices_path={demo_data['index']}",
+        "data.batch_size=4", f"train.save_dir={tmp_path}", "train.total_steps=4", "train.log_every=1",
+        f"eval.parquet_folder={demo_data['phase']}", f"eval.index={demo_data['index']}", "eval.loss_every=2",
+        "eval.images_every=4", "eval.loss_samples=8", "eval.num_images=4", "eval.num_timesteps=2",
+        "eval.batch_size=4", f"eval.dino={extractors['dino']}", f"eval.clip={extractors['clip']}",
+        "sample.num_steps=2",
+    ])
+    rows = [json.loads(line) for line in (tmp_path / "tiny_latent" / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r for r in rows if any(k.startswith("val/") for k in r)}
+    assert sorted(evals) == [2, 4], rows
+    assert "val/ema/loss" in evals[2] and "val/model/loss" in evals[2], evals[2]  # eval.loss_weights: both
+    assert evals[2]["val/ema/loss"] != evals[4]["val/ema/loss"]  # the weights trained in between
+    assert "eval/fd_dinov2" in evals[4] and "eval/clip_score" in evals[4] and "eval/fd_dinov2" not in evals[2]

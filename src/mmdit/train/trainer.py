@@ -250,6 +250,12 @@ class Trainer:
             from .validation import Validator
 
             validator = Validator(cfg, self.device)
+        evaluator = None  # every model rank holds its share of the eval set (mmdit.eval)
+        if cfg.eval.parquet_folder and (cfg.eval.loss_every or cfg.eval.images_every):
+            from ..eval.evaluator import Evaluator
+
+            evaluator = Evaluator(cfg, self.device, rt.model_group if rt.distributed else None, self.model_index,
+                                  rt.num_model_ranks, dtype=self.dtype)
         logger = None
         if rt.is_main:
             logger = MetricsLogger(self.run_dir, cfg.train.wandb_mode, cfg.train.wandb_project, cfg.train.run_name,
@@ -305,6 +311,7 @@ class Trainer:
             if validator is not None and self.step % cfg.train.validate_every == 0:
                 logger.log_images(self.step, "validation", validator.run(self.ema.model, self.step,
                                                                          self.run_dir / "validation", self.dtype))
+            self._evaluate(evaluator, logger)
         self._end_stream(source, micro)
         if self.step > self.plan.step or self.plan.path is None:  # the final save: every model rank takes part
             t0 = time.perf_counter()
@@ -312,9 +319,11 @@ class Trainer:
             if stopped:
                 log.warning("stop requested: checkpoint of step %d written in %.1fs, exiting", self.step,
                             time.perf_counter() - t0)
-        if validator is not None and not stopped and self.step % cfg.train.validate_every == 0:
-            logger.log_images(self.step, "validation", validator.run(self.ema.model, self.step,
-                                                                     self.run_dir / "validation", self.dtype))
+        if not stopped:  # no optional work on the stop step: the grace period is for the checkpoint
+            if validator is not None and self.step % cfg.train.validate_every == 0:
+                logger.log_images(self.step, "validation", validator.run(self.ema.model, self.step,
+                                                                         self.run_dir / "validation", self.dtype))
+            self._evaluate(evaluator, logger)
         if logger is not None:
             logger.close()
         if sample_log is not None:
@@ -324,6 +333,22 @@ class Trainer:
                    "data_wait_s": source.wait_s, "weights_sha256": weights_digest(self.model)}
         (self.run_dir / f"summary_rank{rt.rank}.json").write_text(json.dumps(summary, indent=1))
         return summary
+
+    def _evaluate(self, evaluator, logger: MetricsLogger | None) -> None:
+        """Held-out metrics when due (every model rank takes part: the work is split and gathered)."""
+        ev = self.cfg.eval
+        if evaluator is None:
+            return
+        values = {}
+        if ev.loss_every and self.step % ev.loss_every == 0:
+            weights = {"ema": self.ema.model, "model": self.model}
+            values.update(evaluator.validation_losses({k: weights[k] for k in ev.loss_weights}, self.step))
+        if ev.images_every and self.step % ev.images_every == 0:
+            values.update(evaluator.image_metrics(self.ema.model, self.step, self.run_dir / "eval"))
+            if logger is not None and evaluator.last_grid is not None:
+                logger.log_images(self.step, "eval/grid", [evaluator.last_grid])
+        if values and logger is not None:
+            logger.log(self.step, values)
 
     def _report(self, logger: MetricsLogger | None, window: dict, grad_norm: torch.Tensor, loss_by_t: LossByT, source,
                 peak: float, loader_busy: float) -> None:
