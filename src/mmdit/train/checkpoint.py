@@ -9,7 +9,7 @@ Layout of ``<run_dir>/step_<N:08d>/``::
     scaler.pt            AMP GradScaler state dict (absent if None)
     trainer_state.json   step, data cursor, RNG states of every rank, wandb id, ... (JSON)
     config.yaml          the resolved config (mmdit.config.save_config)
-    COMPLETE             JSON manifest (step, files); written last
+    COMPLETE             JSON manifest (step, files, tensor file sizes); written last
 
 Atomicity: everything is written into ``step_<N>.tmp-<pid>``, every file and the directory are fsynced,
 the ``COMPLETE`` manifest is written, and the directory is renamed to ``step_<N>`` (``os.rename`` within
@@ -226,13 +226,16 @@ def commit_save(final: Path, tmp: Path, step: int, files: list[str], trainer_sta
     """Write the trainer state, config and the COMPLETE manifest into ``tmp``, fsync, rename it to
     ``final`` (atomic), then keep only the newest ``keep_last`` complete checkpoints."""
     run_dir = final.parent
+    # sizes of the tensor files: a truncated or damaged one makes the checkpoint incomplete (the two text
+    # files are left out: a user may edit them)
+    sizes = {name: (tmp / name).stat().st_size for name in files}
     state = dict(trainer_state)
     state["step"] = int(step)
     _write_text(json.dumps(to_jsonable(state), indent=1), tmp / TRAINER_STATE)
     files.append(TRAINER_STATE)
     _write_config(config, tmp / CONFIG_FILE)
     files.append(CONFIG_FILE)
-    manifest = {"format": FORMAT_VERSION, "step": int(step), "files": files, "time": time.time(),
+    manifest = {"format": FORMAT_VERSION, "step": int(step), "files": files, "sizes": sizes, "time": time.time(),
                 **(manifest_extra or {})}
     _write_text(json.dumps(manifest), tmp / MARKER)
     _fsync_path(tmp)
@@ -293,6 +296,11 @@ def _check_complete(path: Path, raise_error: bool = True) -> dict | None:
     for name in manifest.get("files", []):
         if not (path / name).is_file():
             return fail(MissingCheckpointFile(f"checkpoint {path} is missing {name} (listed in its {MARKER})"))
+    for name, size in manifest.get("sizes", {}).items():
+        actual = (path / name).stat().st_size
+        if actual != size:
+            return fail(CheckpointError(f"checkpoint {path} is damaged: {name} has {actual} bytes, its {MARKER} "
+                                        f"recorded {size}"))
     return manifest
 
 
