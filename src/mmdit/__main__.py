@@ -4,6 +4,9 @@
   tiny-models  DIR                               build tiny random-weight encoders + VAE for tests and the demo
   score        ...                               score generated shape images (colour, shape, position)
   demo         [--quick]                         the CPU demo end to end
+  memory       --config PRESET --gpus N [N ...]  memory per GPU under DDP and FSDP, with/without checkpointing
+  export       --checkpoint STEP --output DIR [--ema] | --checkpoint STEP --consolidate
+                                                 a Hub-style folder (MMDiT.from_pretrained), or full safetensors
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ COMMANDS = {
     "tiny-models": "mmdit.encoders.tiny",
     "score": "mmdit.score",
     "demo": "mmdit.demo",
+    "memory": "mmdit.memory",
+    "export": "mmdit.export",
 }
 
 
