@@ -63,21 +63,27 @@ def _broadcast_path(path: Path | None, group, src: int) -> Path:
 def save_sharded(run_dir: str | Path, step: int, *, model: nn.Module, optimizer: torch.optim.Optimizer,
                  ema: ShardedEMA, scheduler_state: dict, scaler_state: dict, trainer_state: dict, config: Any,
                  keep_last: int, group, main_rank: int, is_main: bool) -> Path:
-    """Every model rank calls this (a collective over ``group``); returns the step directory."""
+    """Every model rank calls this (a collective over ``group``; ``group=None``: one process, no
+    process group, e.g. a test or a conversion); returns the step directory."""
     t0 = time.monotonic()
     final, tmp = ckpt.begin_save(run_dir, step) if is_main else (None, None)
-    tmp = _broadcast_path(tmp, group, main_rank)
+    if group is not None:
+        tmp = _broadcast_path(tmp, group, main_rank)
     final = tmp.parent / ckpt.step_dir_name(step)
     state = {"model": get_model_state_dict(model), "ema": ema.state_dict(),
              "optimizer": get_optimizer_state_dict(model, optimizer)}
-    dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp / SHARDED_DIR, sync_files=True), process_group=group)
+    writer = dcp.FileSystemWriter(tmp / SHARDED_DIR, sync_files=True)
+    with warnings.catch_warnings():  # one process without a process group: DCP warns that this is the intent
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(state, storage_writer=writer, process_group=group, no_dist=group is None)
     if is_main:  # DCP wrote .metadata after every rank's shard: the whole set is on disk
         files = sorted(str(p.relative_to(tmp)) for p in (tmp / SHARDED_DIR).iterdir() if p.is_file())
         ckpt.write_states(tmp, files, scheduler=scheduler_state, scaler=scaler_state)
         ckpt.commit_save(final, tmp, step, files, trainer_state, config, keep_last,
-                         {"sharded": True, "ranks": dist.get_world_size(group)})
+                         {"sharded": True, "ranks": dist.get_world_size(group) if group is not None else 1})
         log.info("saved sharded checkpoint %s in %.1fs", final, time.monotonic() - t0)
-    dist.barrier(group=group)  # nobody moves on (or reads it) before the rename
+    if group is not None:
+        dist.barrier(group=group)  # nobody moves on (or reads it) before the rename
     return final
 
 
