@@ -27,3 +27,5 @@ def test_gpu_suite_runs_tiny_on_cpu_and_writes_every_entry(tmp_path):
     every = set(results["variants"]) | set(results["skipped"])
     assert len(every) == 10 and all(results["skipped"].values())  # each skip says why
     assert "no backward on the CPU" in results["skipped"]["eager flex ckpt=none"]
+    rung = results["sd3_2b"]  # issue 17: the scaling-ladder step next to the memory estimate
+    assert rung["step_s"] > 0 and rung["depth"] == 2 and rung["estimate_gib"] > 0
