@@ -110,3 +110,12 @@ def test_damaged_sharded_checkpoint_is_never_resumed(runs, tmp_path):
     assert resolve_resume(run, "auto") == older
     (older / SHARDED_DIR / ".metadata").unlink()  # DCP never finished: no metadata
     assert resolve_resume(run, "auto") is None
+
+
+def test_fsdp_needs_a_process_group():
+    from mmdit.config import ConfigError
+    from mmdit.train.parallel import check_parallel
+
+    check_parallel("ddp", distributed=False)
+    with pytest.raises(ConfigError, match="train.parallel=fsdp needs a torchrun job"):
+        check_parallel("fsdp", distributed=False)
