@@ -3,7 +3,8 @@
     python infer.py --checkpoint models/<run> --prompt "a red circle" --prompt "a blue square" --gif
     python infer.py --checkpoint models/<run>/step_00100000 --prompts_file prompts.txt --width 512 --height 256
 
-``--checkpoint`` is a run folder (its newest complete step_<N>/) or one step_<N>/ folder. Unset sampling
+``--checkpoint`` is a run folder (its newest complete step_<N>/), one step_<N>/ folder, a folder written by
+``python -m mmdit export`` or the Hub id of one (``owner/name``). Unset sampling
 options come from the checkpoint's ``sample`` config. Files are named ``<prompt>_seed<seed>.png``; image k of
 a run uses seed + k. The library behind this is :mod:`mmdit.inference` (``src/infer_loop.ipynb`` loads the
 model once and samples repeatedly).
@@ -20,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="run folder (newest checkpoint) or a step_<N> folder")
+    p.add_argument("--checkpoint", required=True,
+                   help="run folder (newest checkpoint), a step_<N> folder, an exported folder or a Hub id")
     p.add_argument("--prompt", action="append", default=[], help="text prompt; repeat for several")
     p.add_argument("--prompts_file", default=None, help="text file with one prompt per line")
     p.add_argument("--width", type=int, default=None, help="pixels, a multiple of model.pixel_step (default max_res)")

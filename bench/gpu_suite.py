@@ -8,7 +8,9 @@ FlexAttention, no checkpointing), full checkpointing, masked SDPA, unmasked SDPA
 the same length: what padding costs), eager runs of the same, and diffusers' SD3Transformer2DModel at the
 same width, depth and tokens (eager and compiled blocks; it has no text mask). For each: median step time,
 images/s, MFU (3 x forward FLOPs) and HFU (with recompute) against the dense bf16 peak, peak memory.
-Results go to <out>/gpu_suite.json (rewritten after every variant) and <out>/gpu_suite.txt.
+Then the sd3_2b rung of the scaling ladder on one GPU next to ``python -m mmdit memory``'s estimate
+(bench/scale_step.py, issue 17). Results go to <out>/gpu_suite.json (rewritten after every variant) and
+<out>/gpu_suite.txt.
 
 ``--device cpu --tiny`` runs the same code on a tiny model in seconds (CI): compiled variants use the
 aot_eager backend there (traced like inductor, no C++ build) and FlexAttention training is skipped (PyTorch
@@ -274,6 +276,21 @@ def main(argv=None) -> None:
         record(label, time_steps(model, lambda m=model, c=cond: m(inputs.x, inputs.t, c), inputs.target, dtype,
                                  warmup, steps), checkpoint)
         del model
+        free(device)
+
+    label = "sd3_2b 1 GPU compiled ckpt=full"
+    if time.perf_counter() - start > args.budget_s:
+        skip(label, f"time budget of {args.budget_s:.0f} s spent")
+    else:
+        from scale_step import sd3_2b_step
+
+        torch._dynamo.reset()
+        timing = sd3_2b_step(build_ours, time_steps, compile_blocks, device, dtype, backend, args.tiny, steps, warmup)
+        results["sd3_2b"] = timing
+        mem = "-" if timing["peak_mem_gib"] is None else f"{timing['peak_mem_gib']:.1f}"
+        report(f"{label:<36} {timing['step_s']:8.3f} {timing['batch'] / timing['step_s']:8.1f} batch {timing['batch']}"
+               f" ({timing['params'] / 1e9:.2f} B params): peak {mem} GiB, python -m mmdit memory estimates "
+               f"{timing['estimate_gib']:.1f} GiB")
         free(device)
 
     for compiled in (False, True):

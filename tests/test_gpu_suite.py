@@ -31,3 +31,5 @@ def test_gpu_suite_runs_tiny_on_cpu_and_writes_every_entry(tmp_path):
     loader = json.loads((tmp_path / "loader_throughput.json").read_text())
     assert loader["tiny"] and set(loader["ratio"]) == {"sd3_256", "sd3_512"} and all(loader["ratio"].values())
     assert "ratio sd3_256=" in run.stdout
+    rung = results["sd3_2b"]  # issue 17: the scaling-ladder step next to the memory estimate
+    assert rung["step_s"] > 0 and rung["depth"] == 2 and rung["estimate_gib"] > 0

@@ -6,6 +6,9 @@
   score        ...                               score generated shape images (colour, shape, position)
   demo         [--quick]                         the CPU demo end to end
   evaluate     --checkpoint DIR --eval_set DIR   validation loss, FD-DINOv2, CLIP score to CSV/JSON; --plot RUN
+  memory       --config PRESET --gpus N [N ...]  memory per GPU under DDP and FSDP, with/without checkpointing
+  export       --checkpoint STEP --output DIR [--ema] | --checkpoint STEP --consolidate
+                                                 a Hub-style folder (MMDiT.from_pretrained), or full safetensors
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ COMMANDS = {
     "score": "mmdit.score",
     "demo": "mmdit.demo",
     "evaluate": "mmdit.eval.evaluate",
+    "memory": "mmdit.memory",
+    "export": "mmdit.export",
 }
 
 

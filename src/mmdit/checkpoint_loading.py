@@ -1,5 +1,11 @@
-"""Loading a trained MMDiT from a checkpoint folder for sampling: find the step, read its config, load the
-weights strictly with one clear error for any mismatch, and keep the time scale in fp32."""
+"""Loading a trained MMDiT for sampling: find the step, read its config, load the weights strictly with one
+clear error for any mismatch, and keep the time scale in fp32.
+
+Three sources: a trainer step folder (``step_<N>/``, full or sharded) or run folder; a Hub-style folder
+written by ``python -m mmdit export`` (config.json + model.safetensors + mmdit_config.yaml, the whole
+config the text encoders and VAE come from); or a Hub id (``owner/name``) of such a folder, downloaded
+with huggingface_hub.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +22,10 @@ from .config import Config, ConfigError, read_config
 log = logging.getLogger(__name__)
 
 WEIGHTS = ("ema", "model")
+HUB_CONFIG = "config.json"  # PyTorchModelHubMixin: the ModelConfig
+HUB_WEIGHTS = "model.safetensors"
+FULL_CONFIG = "mmdit_config.yaml"  # next to them in an export: encoders, VAE and sampling defaults
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # prefixes that wrappers add to state-dict keys: torch.compile, DDP
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 
@@ -40,18 +50,44 @@ class ImageSizeError(InferenceError):
 # checkpoint files
 
 
+def is_pretrained_folder(path: Union[str, Path]) -> bool:
+    """A Hub-style folder (``save_pretrained`` / ``python -m mmdit export``), not a trainer step folder."""
+    from .train.checkpoint import CONFIG_FILE
+
+    p = Path(path)
+    return (p / HUB_CONFIG).is_file() and (p / HUB_WEIGHTS).is_file() and not (p / CONFIG_FILE).is_file()
+
+
+def download_pretrained(repo_id: str) -> Path:
+    """The local snapshot of a Hub model exported by mmdit (its three files and card)."""
+    from huggingface_hub import snapshot_download
+
+    from .hub_access import explain_hub_error
+
+    try:
+        folder = snapshot_download(repo_id, allow_patterns=[HUB_CONFIG, HUB_WEIGHTS, FULL_CONFIG, "README.md"])
+    except Exception as err:  # not found, gated, offline: one message naming the repo and the fix
+        raise CheckpointNotFoundError(explain_hub_error(repo_id, err)) from err
+    return Path(folder)
+
+
 def resolve_checkpoint(path: Union[str, Path]) -> Path:
-    """The step directory to load: ``path`` itself (a ``step_<N>`` folder with a config.yaml), the newest
-    complete checkpoint of a run directory, or the folder of a ``.safetensors`` file."""
+    """The folder to load: ``path`` itself (a ``step_<N>`` folder with a config.yaml, or a Hub-style folder),
+    the newest complete checkpoint of a run directory, the folder of a ``.safetensors`` file, or the
+    download of a Hub id ``owner/name`` that is not a local path."""
     from .train.checkpoint import CONFIG_FILE, MARKER, latest_checkpoint
 
     p = Path(path).expanduser()
+    if not p.exists() and _HUB_ID.match(str(path)):
+        p = download_pretrained(str(path))
     if not p.exists():
         raise CheckpointNotFoundError(f"checkpoint not found: {p} does not exist")
     if p.is_file():
         if p.suffix != ".safetensors":
             raise CheckpointNotFoundError(f"checkpoint {p} is a file but not a .safetensors weights file")
         p = p.parent
+    if is_pretrained_folder(p):
+        return p
     if (p / CONFIG_FILE).is_file():
         if not (p / MARKER).is_file():
             log.warning("checkpoint %s has no %s marker (an interrupted save?); loading it anyway", p, MARKER)
@@ -83,6 +119,13 @@ def read_checkpoint_config(step_dir: Path) -> Config:
     from .train.checkpoint import CONFIG_FILE
 
     f = Path(step_dir) / CONFIG_FILE
+    if is_pretrained_folder(step_dir):
+        f = Path(step_dir) / FULL_CONFIG
+        if not f.is_file():
+            raise CheckpointNotFoundError(
+                f"{step_dir} is a Hub-style folder without {FULL_CONFIG} (the text encoders and VAE to sample "
+                f"with): load the bare network with MMDiT.from_pretrained, or re-export it with python -m mmdit "
+                "export, which writes that file")
     if not f.is_file():
         raise CheckpointNotFoundError(f"checkpoint file not found: {f}")
     try:
@@ -174,19 +217,17 @@ def load_model(
     device: Union[str, torch.device, None] = None,
     dtype: Optional[torch.dtype] = None,
 ):
-    """(MMDiT in eval mode on ``device``/``dtype``, its Config, the step directory) from a checkpoint."""
-    from safetensors.torch import load_file
-
+    """(MMDiT in eval mode on ``device``/``dtype``, its Config, the folder) from a checkpoint, a Hub-style
+    folder or a Hub id."""
     from .model import MMDiT
 
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
     step_dir = resolve_checkpoint(path)
     cfg = read_checkpoint_config(step_dir)
-    f = weights_file(step_dir, weights)
-    state = _strip_wrapper_prefixes(load_file(str(f), device="cpu"))
     with torch.device("meta"):
         model = MMDiT(cfg.model)
+    state = _strip_wrapper_prefixes(read_weights(step_dir, weights, cfg))
     check_state_dict(model, state, f"checkpoint {step_dir}")
     model.load_state_dict(state, strict=True, assign=True)
     if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):  # non-persistent buffers
@@ -195,6 +236,23 @@ def load_model(
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     keep_time_scale_fp32(model)
     return model, cfg, step_dir
+
+
+def read_weights(step_dir: Path, weights: str, cfg: Config) -> dict[str, Tensor]:
+    """The state dict to sample with: a Hub-style folder's one model.safetensors (the export chose model or
+    EMA weights: its card says which), a full step folder's file, or a sharded one's consolidated here."""
+    from safetensors.torch import load_file
+
+    from .train.checkpoint import WEIGHT_FILES
+    from .train.sharded_checkpoint import consolidated_weights, is_sharded
+
+    if is_pretrained_folder(step_dir):
+        return load_file(str(Path(step_dir) / HUB_WEIGHTS), device="cpu")
+    if weights in WEIGHTS and is_sharded(step_dir) and not (Path(step_dir) / WEIGHT_FILES[weights]).is_file():
+        from .model import MMDiT
+
+        return consolidated_weights(step_dir, weights, MMDiT(cfg.model))
+    return load_file(str(weights_file(step_dir, weights)), device="cpu")
 
 
 def keep_time_scale_fp32(model: torch.nn.Module) -> None:

@@ -308,9 +308,13 @@ class TrainConfig:
     # compile each JointBlock (regional, fullgraph); null = on for CUDA, off on the CPU (a cold compile there
     # costs minutes and gains little)
     compile: Optional[bool] = None
+    # how model ranks share the model: ddp (a full copy per rank; the default up to ~1.2B) or fsdp (FSDP2:
+    # weights, gradients, optimizer state and EMA sharded over the model ranks; mmdit.train.parallel)
+    parallel: str = "ddp"
 
     def __post_init__(self) -> None:
         _positive("train.total_steps", self.total_steps)
+        _choice("train.parallel", self.parallel, ("ddp", "fsdp"))
         _positive("train.accumulation_steps", self.accumulation_steps)
         _positive("train.lr", self.lr)
         _choice("train.lr_schedule", self.lr_schedule, ("constant", "cosine"))

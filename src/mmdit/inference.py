@@ -5,10 +5,12 @@
     images, frames = pipe.generate("a red circle", seed=0, return_frames=True)
     save_gif(frames[0], "denoise.gif")                          # one frame per sampling step
 
-Checkpoints are the trainer's ``<run>/step_<N>/`` folders (``mmdit.train.checkpoint``): ``config.yaml`` gives
-the architecture, text encoders and VAE; ``ema.safetensors`` (default) or ``model.safetensors`` the weights,
-loaded strictly -- a config that does not describe the weights is one :class:`CheckpointMismatchError` that
-lists what differs.
+A source is a Hub-style folder or Hub id written by ``python -m mmdit export`` (``mmdit.export``: one set
+of weights, its ``mmdit_config.yaml`` naming the encoders and VAE), or a trainer checkpoint.
+Checkpoints are the trainer's ``<run>/step_<N>/`` folders (``mmdit.train.checkpoint``, full or sharded):
+``config.yaml`` gives the architecture, text encoders and VAE; ``ema.safetensors`` (default) or
+``model.safetensors`` the weights, loaded strictly -- a config that does not describe the weights is one
+:class:`CheckpointMismatchError` that lists what differs.
 
 Numerics are training's: fp32 weights under autocast (bf16 on CUDA, none on the CPU; ``precision``
 overrides), so LayerNorm, modulation and the output layer run as they did in training. ``dtype=bf16``
@@ -54,6 +56,7 @@ from .checkpoint_loading import (  # noqa: F401 - re-exported: the inference API
     check_state_dict,
     default_device,
     default_dtype,
+    is_pretrained_folder,
     keep_time_scale_fp32,
     load_model,
     read_checkpoint_config,
@@ -155,7 +158,8 @@ class Pipeline:
         dtype: Optional[torch.dtype] = None,
         precision: Optional[torch.dtype] = None,
     ) -> Pipeline:
-        """Load a step directory, or a run directory's newest complete checkpoint.
+        """Load a step directory, a run directory's newest complete checkpoint, an exported Hub-style folder or
+        a Hub id (``owner/name``) of one.
 
         device: default CUDA if available, else CPU. weights: ``ema`` (default) or ``model``.
         dtype: the diffusion model's weights, fp32 by default; ``torch.bfloat16`` saves memory at the cost of
@@ -365,6 +369,8 @@ def default_out_dir(pipe: Pipeline) -> Path:
     """``<run dir>/samples/step_<N>`` next to the checkpoint (``models/`` is git-ignored), else ``samples``."""
     if pipe.step_dir is None:
         return Path("samples")
+    if is_pretrained_folder(pipe.step_dir):  # an export or a Hub download (its folder may be the Hub cache)
+        return Path("samples") / pipe.step_dir.name
     return pipe.step_dir.parent / "samples" / pipe.step_dir.name
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from functools import lru_cache
+from typing import Union
 
 import torch
+from huggingface_hub import PyTorchModelHubMixin
 from torch import Tensor, nn
 
 from ..conditioning import TextCondition
@@ -32,11 +35,23 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
-class MMDiT(nn.Module):
-    """Predicts the flow velocity v = eps - x0 for a latent x [B, C, H, W] at times t [B] given text."""
+class MMDiT(nn.Module, PyTorchModelHubMixin, library_name="mmdit", tags=["text-to-image", "mmdit", "rectified-flow"],
+            repo_url="https://github.com/mmdit/mmdit", pipeline_tag="text-to-image"):
+    """Predicts the flow velocity v = eps - x0 for a latent x [B, C, H, W] at times t [B] given text.
 
-    def __init__(self, cfg: ModelConfig):
+    A Hub model too: ``save_pretrained(folder)`` writes config.json (the ModelConfig) + model.safetensors,
+    ``MMDiT.from_pretrained(folder or hub id)`` reads them back (strictly), ``push_to_hub(repo_id)`` uploads.
+    """
+
+    def __init__(self, cfg: Union[ModelConfig, dict]):
         super().__init__()
+        if isinstance(cfg, dict):  # from config.json (PyTorchModelHubMixin); unknown keys are an error
+            known = {f.name for f in fields(ModelConfig)}
+            unknown = sorted(set(cfg) - known)
+            if unknown:
+                raise ValueError(f"config.json has keys {unknown} that ModelConfig does not know; it was written "
+                                 "by a newer mmdit: upgrade mmdit")
+            cfg = ModelConfig(**cfg)
         self.cfg = cfg
         dim, p = cfg.dim, cfg.patch_size
         self.patch_embed = nn.Linear(cfg.in_channels * p * p, dim)
@@ -67,6 +82,11 @@ class MMDiT(nn.Module):
         for layer in (self.final.adaLN, self.final.linear):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+
+    @classmethod
+    def _from_pretrained(cls, *, strict: bool = True, **kwargs):
+        """As PyTorchModelHubMixin, but strict by default: weights that do not fit the config are an error."""
+        return super()._from_pretrained(strict=strict, **kwargs)
 
     @property
     def position_scale(self) -> float:

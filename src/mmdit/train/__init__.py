@@ -21,6 +21,9 @@ def run(cfg: Config) -> int:
     from .trainer import train
 
     rt = init_runtime(cfg)
+    from ..hub_access import quiet_progress_bars
+
+    quiet_progress_bars(show=rt.rank == 0)  # one rank's "Loading weights" bars, not every rank's
     summary = train(cfg, rt)
     log.info("rank %d finished: %s", rt.rank, summary)
     if rt.distributed:

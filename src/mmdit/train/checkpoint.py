@@ -9,7 +9,7 @@ Layout of ``<run_dir>/step_<N:08d>/``::
     scaler.pt            AMP GradScaler state dict (absent if None)
     trainer_state.json   step, data cursor, RNG states of every rank, wandb id, ... (JSON)
     config.yaml          the resolved config (mmdit.config.save_config)
-    COMPLETE             JSON manifest (step, files); written last
+    COMPLETE             JSON manifest (step, files, tensor file sizes); written last
 
 Atomicity: everything is written into ``step_<N>.tmp-<pid>``, every file and the directory are fsynced,
 the ``COMPLETE`` manifest is written, and the directory is renamed to ``step_<N>`` (``os.rename`` within
@@ -185,14 +185,7 @@ def save_checkpoint(
     ``trainer_state`` must be JSON-safe after :func:`to_jsonable` (tensors/arrays are encoded);
     ``step`` is stored in it. Call from one process only (global rank 0). Returns the step directory.
     """
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _cleanup_scratch(run_dir)
-    final = run_dir / step_dir_name(step)
-    tmp = run_dir / f"{final.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    final, tmp = begin_save(run_dir, step)
     t0 = time.monotonic()
 
     files: list[str] = []
@@ -201,17 +194,49 @@ def save_checkpoint(
     if ema_state is not None:
         _write_safetensors(ema_state, tmp / WEIGHT_FILES["ema"], "ema_state")
         files.append(WEIGHT_FILES["ema"])
-    for key, obj in (("optimizer", optimizer_state), ("scheduler", scheduler_state), ("scaler", scaler_state)):
+    write_states(tmp, files, optimizer=optimizer_state, scheduler=scheduler_state, scaler=scaler_state)
+    commit_save(final, tmp, step, files, trainer_state, config, keep_last)
+    log.info("saved checkpoint %s in %.1fs", final, time.monotonic() - t0)
+    return final
+
+
+def begin_save(run_dir: str | Path, step: int) -> tuple[Path, Path]:
+    """Clean up leftovers of killed saves and create the scratch directory; returns (final, tmp) paths."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _cleanup_scratch(run_dir)
+    final = run_dir / step_dir_name(step)
+    tmp = run_dir / f"{final.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return final, tmp
+
+
+def write_states(tmp: Path, files: list[str], **states: Any) -> None:
+    """The optimizer / scheduler / scaler ``.pt`` files (keys of STATE_FILES) that are not None."""
+    for key, obj in states.items():
         if obj is not None:
             _write_torch(obj, tmp / STATE_FILES[key])
             files.append(STATE_FILES[key])
+
+
+def commit_save(final: Path, tmp: Path, step: int, files: list[str], trainer_state: dict, config: Any,
+                keep_last: int, manifest_extra: dict | None = None) -> None:
+    """Write the trainer state, config and the COMPLETE manifest into ``tmp``, fsync, rename it to
+    ``final`` (atomic), then keep only the newest ``keep_last`` complete checkpoints."""
+    run_dir = final.parent
+    # sizes of the tensor files: a truncated or damaged one makes the checkpoint incomplete (the two text
+    # files are left out: a user may edit them)
+    sizes = {name: (tmp / name).stat().st_size for name in files}
     state = dict(trainer_state)
     state["step"] = int(step)
     _write_text(json.dumps(to_jsonable(state), indent=1), tmp / TRAINER_STATE)
     files.append(TRAINER_STATE)
     _write_config(config, tmp / CONFIG_FILE)
     files.append(CONFIG_FILE)
-    manifest = {"format": FORMAT_VERSION, "step": int(step), "files": files, "time": time.time()}
+    manifest = {"format": FORMAT_VERSION, "step": int(step), "files": files, "sizes": sizes, "time": time.time(),
+                **(manifest_extra or {})}
     _write_text(json.dumps(manifest), tmp / MARKER)
     _fsync_path(tmp)
 
@@ -224,14 +249,12 @@ def save_checkpoint(
     else:
         os.rename(tmp, final)
         _fsync_path(run_dir)
-    log.info("saved checkpoint %s in %.1fs", final, time.monotonic() - t0)
 
     if keep_last > 0:
         complete = [p for _, p in _step_dirs(run_dir) if _check_complete(p, raise_error=False)]
         for old in complete[:-keep_last]:
             if old != final:
                 _remove_tree(old)
-    return final
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -273,6 +296,11 @@ def _check_complete(path: Path, raise_error: bool = True) -> dict | None:
     for name in manifest.get("files", []):
         if not (path / name).is_file():
             return fail(MissingCheckpointFile(f"checkpoint {path} is missing {name} (listed in its {MARKER})"))
+    for name, size in manifest.get("sizes", {}).items():
+        actual = (path / name).stat().st_size
+        if actual != size:
+            return fail(CheckpointError(f"checkpoint {path} is damaged: {name} has {actual} bytes, its {MARKER} "
+                                        f"recorded {size}"))
     return manifest
 
 

@@ -8,7 +8,6 @@ resume from is decided once (:mod:`.resume`); how a job stops is :mod:`.stopping
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -17,18 +16,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.distributed.tensor import DTensor
 
-from ..config import Config, config_to_dict
+from ..config import Config, ConfigError, config_to_dict
 from ..flow import cfg_dropout_keep, encoder_drop_probs, flow_loss, sample_timesteps
 from ..model import MMDiT
 from ..model.flops import device_peak_flops, hardware_flops_per_image, train_flops_per_image
 from ..model.policy import compile_blocks, compile_enabled
 from . import checkpoint as ckpt
+from . import sharded_checkpoint as sharded
 from .balance import BalanceMonitor, RankBalance, balance_metrics, gather_balance
 from .batches import build_schedule, local_source, make_producer, remote_source, run_loader
 from .metrics import LossByT, MetricsLogger
 from .optim import EMA, make_optimizer, make_scheduler
+from .parallel import ParallelModel, ShardedEMA
 from .resume import ResumePlan, agree_resume, check_loaded_step, data_layout
 from .rng_state import capture_rng_state, restore_rng_state
 from .runtime import Runtime
@@ -42,9 +43,11 @@ class NonFiniteError(RuntimeError):
 
 
 def weights_digest(model: torch.nn.Module) -> str:
-    """SHA-256 of all parameters' bytes: equal on every model rank when DDP kept them in sync."""
+    """SHA-256 of all parameters' bytes: equal on every model rank when DDP kept them in sync (FSDP: of
+    the gathered weights, a collective)."""
     h = hashlib.sha256()
     for name, p in sorted(model.state_dict().items()):
+        p = p.full_tensor() if isinstance(p, DTensor) else p
         h.update(name.encode())
         h.update(p.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
@@ -92,7 +95,19 @@ class Trainer:
         self.run_dir = run_dir_of(cfg)
         torch.manual_seed(cfg.train.seed)
         self.model = MMDiT(cfg.model).to(self.device)
-        self.ema = EMA(self.model)
+        self.fsdp = cfg.train.parallel == "fsdp"
+        compiled = compile_enabled(cfg.train.compile, self.device)
+        if self.fsdp and cfg.train.validate_every and cfg.train.validation_prompts:
+            raise ConfigError("validation images during training (train.validate_every) are not available with "
+                              "train.parallel=fsdp yet (the EMA is sharded); set train.validate_every=0 and "
+                              "sample from exported checkpoints (python -m mmdit export)")
+        if self.fsdp:  # torchtitan's order: checkpointing (in the blocks), compile, then shard
+            if compiled:
+                compile_blocks(self.model)
+            self.parallel = ParallelModel(self.model, "fsdp", rt)
+            self.ema: EMA | ShardedEMA = ShardedEMA(self.model)
+        else:
+            self.ema = EMA(self.model)
         self.optimizer = make_optimizer(self.model, cfg.train)
         self.scheduler = make_scheduler(self.optimizer, cfg.train)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
@@ -103,25 +118,17 @@ class Trainer:
         self.wandb_id: str | None = None
         self.samples_seen = plan.samples_seen
         self._restore()
-        if compile_enabled(cfg.train.compile, self.device):  # regional: each JointBlock, after the EMA copy
-            compile_blocks(self.model)
-        # gradients live in DDP's buckets (no copy). The model registers no buffers, so DDP broadcasts
-        # nothing per forward (broadcast_buffers=False is deprecated in recent torch and would change nothing)
-        self.ddp = (DDP(self.model, process_group=rt.model_group, gradient_as_bucket_view=True)
-                    if rt.distributed and rt.num_model_ranks > 1 else None)
+        if not self.fsdp:
+            if compiled:  # regional: each JointBlock, after the EMA copy
+                compile_blocks(self.model)
+            self.parallel = ParallelModel(self.model, "ddp", rt)
 
     # ---------------------------------------------------------------- checkpoints
     def _restore(self) -> None:
         if self.plan.path is not None:
             path = Path(self.plan.path)
-            state = ckpt.load_checkpoint(path, map_location=self.device)
-            check_loaded_step(self.plan, state.step, self.rt.rank)
-            self.model.load_state_dict(state.model_state)
-            self.ema.load_state_dict(state.ema_state)
-            self.optimizer.load_state_dict(state.optimizer_state)
-            self.scheduler.load_state_dict(state.scheduler_state)
-            self.scaler.load_state_dict(state.scaler_state)
-            ts = state.trainer_state
+            ts = self._load_states(path)
+            check_loaded_step(self.plan, int(ts["step"]), self.rt.rank)
             self.step, self.skipped, self.corrupt = ts["step"], ts.get("skipped", 0), ts.get("corrupt", 0)
             self.wandb_id = ts.get("wandb_id")
             rng = ts.get("rng", [])
@@ -135,6 +142,10 @@ class Trainer:
                 log.info("resumed from %s at step %d (micro-step %d)", path, self.step, self.plan.start_micro)
         elif self.cfg.train.init_from:
             source = Path(self.cfg.train.init_from)
+            if self.fsdp or sharded.is_sharded(source):
+                raise ckpt.CheckpointError(f"train.init_from={source} with train.parallel=fsdp or a sharded "
+                                           "checkpoint: export it first (python -m mmdit export --checkpoint "
+                                           f"{source} --consolidate) and start with train.parallel=ddp")
             weights = ckpt.load_weights(source, which="ema", device=str(self.device))
             self.model.load_state_dict(weights)
             self.ema.load_state_dict(weights)
@@ -144,6 +155,27 @@ class Trainer:
                 self.wandb_id = ckpt.read_trainer_state(source).get("wandb_id")
             if self.rt.is_main:
                 log.info("initialised weights from %s (EMA weights)", source)
+
+    def _load_states(self, path: Path) -> dict:
+        """Weights, EMA, optimizer, scheduler and scaler from a full or a sharded checkpoint, whichever this
+        run's ``train.parallel`` (a run may switch at a resume); returns the trainer state."""
+        if sharded.is_sharded(path):
+            sharded.load_sharded(path, model=self.model, optimizer=self.optimizer, ema=self.ema,
+                                 group=self.rt.model_group if self.rt.distributed else None)
+            states = {k: ckpt._load_torch(path, ckpt.STATE_FILES[k], self.device) for k in ("scheduler", "scaler")}
+            self.scheduler.load_state_dict(states["scheduler"])
+            self.scaler.load_state_dict(states["scaler"])
+            return ckpt.read_trainer_state(path)
+        state = ckpt.load_checkpoint(path, map_location=self.device)
+        if self.fsdp:
+            sharded.load_full_into_sharded(state, model=self.model, optimizer=self.optimizer, ema=self.ema)
+        else:
+            self.model.load_state_dict(state.model_state)
+            self.ema.load_state_dict(state.ema_state)
+            self.optimizer.load_state_dict(state.optimizer_state)
+        self.scheduler.load_state_dict(state.scheduler_state)
+        self.scaler.load_state_dict(state.scaler_state)
+        return state.trainer_state
 
     def save(self, micro: int) -> None:
         """Write the checkpoint of this step; ``micro`` is the data cursor (the next micro-step to train).
@@ -155,7 +187,7 @@ class Trainer:
             gathered = [None] * self.rt.num_model_ranks
             torch.distributed.all_gather_object(gathered, rng[0], group=self.rt.model_group)
             rng = gathered
-        if not self.rt.is_main:
+        if not self.rt.is_main and not self.fsdp:
             return
         trainer_state = {
             "step": self.step,
@@ -168,6 +200,13 @@ class Trainer:
             "wandb_id": self.wandb_id,
             "rng": rng,
         }
+        if self.fsdp:  # every model rank writes its shard
+            sharded.save_sharded(
+                self.run_dir, self.step, model=self.model, optimizer=self.optimizer, ema=self.ema,
+                scheduler_state=self.scheduler.state_dict(), scaler_state=self.scaler.state_dict(),
+                trainer_state=trainer_state, config=self.cfg, keep_last=self.cfg.train.keep_last,
+                group=self.rt.model_group, main_rank=self.rt.topology.model_ranks[0], is_main=self.rt.is_main)
+            return
         path = ckpt.save_checkpoint(
             self.run_dir, self.step, model_state=self.model.state_dict(), ema_state=self.ema.state_dict(),
             optimizer_state=self.optimizer.state_dict(), scheduler_state=self.scheduler.state_dict(),
@@ -191,9 +230,8 @@ class Trainer:
         keep = cfg_dropout_keep(n, batch.cond.num_encoders, self.cfg.flow.p_uncond,
                                 encoder_drop_probs(self.cfg.encoders.text) or None, generator=g, device=self.device)
         cond = batch.cond.keep(keep)
-        net = self.ddp or self.model
-        no_sync = self.ddp.no_sync() if (self.ddp is not None and not sync) else contextlib.nullcontext()
-        with no_sync:
+        net = self.parallel.net
+        with self.parallel.grad_sync(sync):
             with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
                 loss, per_sample = flow_loss(net, x0, cond, t, eps, weighting=self.cfg.flow.loss_weighting)
             self.scaler.scale(loss / self.cfg.train.accumulation_steps).backward()
@@ -204,7 +242,7 @@ class Trainer:
         """Clip, then step unless any model rank's gradients are not finite; returns (grad norm, finite,
         stop: whether any model rank asked to stop). The step's one host sync is :func:`agree_step`."""
         self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        grad_norm = self.parallel.clip_grad_norm_(self.cfg.train.grad_clip)
         finite, stop = agree_step(grad_norm, stop_local, self.rt.model_group if self.rt.distributed else None,
                                   self.rt.num_model_ranks)
         if finite:
