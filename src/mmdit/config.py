@@ -411,6 +411,12 @@ class Config:
                 f"model.pooled_dim={self.model.pooled_dim} but {len(pooled)} pooled encoder(s) configured; "
                 "set model.pooled_dim=0 without a pooled encoder, or its width with one"
             )
+        if self.train.parallel == "fsdp" and ((self.train.validate_every and self.train.validation_prompts) or (
+                self.eval.parquet_folder and (self.eval.loss_every or self.eval.images_every))):
+            raise ConfigError("validation images (train.validate_every) and held-out metrics (eval.*) during "
+                              "training are not available with train.parallel=fsdp yet (the EMA is sharded); set "
+                              "train.validate_every=0 and eval.parquet_folder='', and evaluate exported or "
+                              "consolidated checkpoints with python -m mmdit evaluate")
         if not self.encoders.vae and self.encoders.text and self.model.latent_factor != 1:
             raise ConfigError(
                 "pixel space (encoders.vae empty) needs model.latent_factor=1 and model.in_channels=3"

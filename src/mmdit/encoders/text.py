@@ -36,6 +36,7 @@ from torch import Tensor
 
 from mmdit.conditioning import TextCondition
 from mmdit.config import EncodersConfig, TextEncoderConfig
+from mmdit.hub_access import gated_model_error
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +129,9 @@ def load_hf_config(name: str, what: str, **kwargs: Any):
     except (OSError, ValueError) as err:  # ValueError covers huggingface_hub's invalid-repo-id errors
         if Path(name).is_dir():
             raise  # a real folder with a broken config: show the original error
+        gated = gated_model_error(name, err, what)  # a licence-gated repo (Gemma 2): say how to get access
+        if gated is not None:
+            raise EncoderNotFoundError(str(gated)) from err
         raise EncoderNotFoundError(_missing_message(what, name, err)) from err
 
 

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from mmdit.config import EncodersConfig
+from mmdit.hub_access import gated_model_error
 
 from .text import (
     EncoderNotFoundError,
@@ -176,6 +177,9 @@ class VAECodec(ImageCodec):
             if subfolder:
                 what = f"VAE (encoders.vae, encoders.vae_subfolder={subfolder!r})"
             hint = "set encoders.vae='' for pixel space, "
+            gated = gated_model_error(name_or_path, err, what)
+            if gated is not None:
+                raise EncoderNotFoundError(str(gated)) from err
             raise EncoderNotFoundError(_missing_message(what, name_or_path, err, hint)) from err
         return cls(vae, device=device, sample=sample, chunk=chunk, compile_backend=compile_backend)
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.distributed.tensor import DTensor
 
-from ..config import Config, ConfigError, config_to_dict
+from ..config import Config, config_to_dict
 from ..flow import cfg_dropout_keep, encoder_drop_probs, flow_loss, sample_timesteps
 from ..model import MMDiT
 from ..model.flops import device_peak_flops, hardware_flops_per_image, train_flops_per_image
@@ -97,10 +97,6 @@ class Trainer:
         self.model = MMDiT(cfg.model).to(self.device)
         self.fsdp = cfg.train.parallel == "fsdp"
         compiled = compile_enabled(cfg.train.compile, self.device)
-        if self.fsdp and cfg.train.validate_every and cfg.train.validation_prompts:
-            raise ConfigError("validation images during training (train.validate_every) are not available with "
-                              "train.parallel=fsdp yet (the EMA is sharded); set train.validate_every=0 and "
-                              "sample from exported checkpoints (python -m mmdit export)")
         if self.fsdp:  # torchtitan's order: checkpointing (in the blocks), compile, then shard
             if compiled:
                 compile_blocks(self.model)
