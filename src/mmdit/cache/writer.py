@@ -21,7 +21,7 @@ from ..config import Config, ConfigError
 from ..data.indices import BucketIndex
 from ..data.rows import RowReader
 from ..encoders import TextEncoders, make_codec
-from ..encoders.vae import PixelCodec, VAECodec, images_to_float
+from ..encoders.vae import PixelCodec, VAECodec
 from .format import (
     FORMAT,
     INDEX,
@@ -42,12 +42,10 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def posterior(codec: VAECodec, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The VAE posterior's (mean, std) of uint8 images, computed as :meth:`VAECodec.encode` does before it
-    samples (the training side draws ``mean + std * noise`` with the same generator, see :mod:`.producer`)."""
-    x = images_to_float(images.to(codec.device)).to(codec.dtype)
-    with torch.no_grad():
-        dist = codec.vae.encode(x).latent_dist
-    return dist.mean, dist.std
+    """The VAE posterior's (mean, std) of uint8 images through :meth:`VAECodec.posterior`, the code path that
+    online encoding samples from (the training side draws ``mean + std * noise`` with the same generator, see
+    :mod:`.producer`)."""
+    return codec.posterior(images)
 
 
 def quantize_int8(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -195,14 +195,26 @@ class VAECodec(ImageCodec):
         """
         sample = self.sample if sample is None else sample
         with torch.inference_mode():
-            x = images_to_float(images.to(self.device)).to(self.dtype).contiguous(memory_format=torch.channels_last)
             outs = []
-            for part in self._chunks(x):
-                dist = self.vae.encode(part).latent_dist
+            for dist in self._posteriors(images):
                 z = dist.sample(generator=generator) if sample else dist.mean
                 outs.append((z - self.shift_factor) * self.scaling_factor)
             latents = torch.cat(outs)
         return latents.clone(memory_format=torch.contiguous_format)
+
+    def posterior(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """The posterior's (mean, std) [B, C, H/f, W/f], unnormalised: what :meth:`encode` samples from,
+        computed the same way (what the precompute cache stores, ``mmdit.cache.writer``)."""
+        with torch.inference_mode():
+            dists = list(self._posteriors(images))
+            mean, std = torch.cat([d.mean for d in dists]), torch.cat([d.std for d in dists])
+        return mean.clone(memory_format=torch.contiguous_format), std.clone(memory_format=torch.contiguous_format)
+
+    def _posteriors(self, images: Tensor):
+        """The VAE's latent distribution of each chunk of ``images`` (call under inference mode)."""
+        x = images_to_float(images.to(self.device)).to(self.dtype).contiguous(memory_format=torch.channels_last)
+        for part in self._chunks(x):
+            yield self.vae.encode(part).latent_dist
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
