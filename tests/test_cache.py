@@ -155,6 +155,20 @@ def test_a_cache_of_other_data_is_refused(tiny_models, demo_data, cache, tmp_pat
         build_schedule(cfg, [])
 
 
+def test_a_cache_of_other_encoder_weights_is_refused(tiny_models, demo_data, cache, tmp_path):
+    """Same encoder name, other weights: the revision recorded in the manifest no longer matches."""
+    other = tmp_path / "other"
+    shutil.copytree(cache, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    assert manifest["encoders"][0]["revision"].startswith("sha256:")  # a local folder: its config.json's hash
+    manifest["encoders"][0]["revision"] = "sha256:0000000000000000"
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    cfg = load_config("tiny_latent", overrides(tiny_models, demo_data, **{"data.source": "cache",
+                                                                          "data.cache_dir": other}))
+    with pytest.raises(ConfigError, match="cache built from revision sha256:0000000000000000"):
+        build_schedule(cfg, [])
+
+
 def test_int8_text_error_is_small():
     x = torch.randn(500, 64) * torch.logspace(-2, 2, 500)[:, None]
     q, scale = quantize_int8(x)

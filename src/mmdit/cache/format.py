@@ -89,6 +89,22 @@ def folder_revision(path: str) -> str:
     return "sha256:" + hashlib.sha256(config.read_bytes()).hexdigest()[:16] if config.exists() else "unknown"
 
 
+def model_revision(name: str) -> str:
+    """:func:`folder_revision` of what a configured name loads: a local folder, or the hub snapshot already in
+    the local cache (no download); "unknown" when neither is there."""
+    from ..encoders.text import resolve_name
+
+    path = resolve_name(name)
+    if not Path(path).is_dir() and name:
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = snapshot_download(name, local_files_only=True)
+        except Exception:  # not in the local cache (or not a hub id): nothing to compare
+            return "unknown"
+    return folder_revision(path)
+
+
 def write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
@@ -113,6 +129,14 @@ def check_matches(manifest: dict, cfg: Config, cache_dir: str | Path, index: Buc
     found = manifest["content"]
     diffs = [f"{key}: cache has {found.get(key)!r}, config has {value!r}" for key, value in wanted.items()
              if found.get(key) != value]
+    configured = [t.name for t in cfg.encoders.text] + ([cfg.encoders.vae] if cfg.encoders.vae else [])
+    recorded = [e.get("revision", "unknown") for e in manifest.get("encoders", [])]
+    if cfg.encoders.vae:
+        recorded.append(manifest.get("latents", {}).get("revision", "unknown"))
+    for name, then in zip(configured, recorded):  # same name, other weights (a new hub revision, a retrained folder)
+        now = model_revision(name)
+        if "unknown" not in (then, now) and then != now:
+            diffs.append(f"{name}: cache built from revision {then}, the config now loads {now}")
     if index is not None and index_identity(index) != manifest["index_identity"]:
         diffs.append(f"bucket index: {cfg.data.bucket_indices_path} is not the index the cache was built from")
     if diffs:

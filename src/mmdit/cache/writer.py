@@ -31,8 +31,8 @@ from .format import (
     VERSION,
     bucket_key,
     content_of,
-    folder_revision,
     index_identity,
+    model_revision,
     shard_name,
     write_json_atomic,
 )
@@ -63,14 +63,14 @@ def build_manifest(cfg: Config, index: BucketIndex, encoders: TextEncoders, code
     if isinstance(codec, VAECodec):
         vae = {"kind": latents, "scaling_factor": codec.scaling_factor, "shift_factor": codec.shift_factor,
                "latent_channels": codec.latent_channels, "latent_factor": codec.latent_factor,
-               "dtype": str(codec.dtype).removeprefix("torch."), "revision": folder_revision(cfg.encoders.vae)}
+               "dtype": str(codec.dtype).removeprefix("torch."), "revision": model_revision(cfg.encoders.vae)}
     return {
         "format": FORMAT,
         "version": VERSION,
         "content": content_of(cfg),
         "index_identity": index_identity(index),
         "encoders": [{"name": e.cfg.name, "kind": e.kind, "dim": e.dim, "max_length": e.max_length,
-                      "class": type(e.model).__name__, "revision": folder_revision(e.path)}
+                      "class": type(e.model).__name__, "revision": model_revision(e.cfg.name)}
                      for e in encoders.encoders],
         "encoder_dtype": str(encoders.dtype).removeprefix("torch."),
         "text_dtype": text_dtype,
