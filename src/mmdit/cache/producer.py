@@ -52,7 +52,7 @@ class CachedBatchProducer:
 
     def _column(self, sample_id: int, u: float) -> int:
         values = {c: "x" if p else "" for c, p in zip(self.columns, self.reader.present(sample_id))}
-        return self.columns.index(self._captions._choose_caption(values, u)[1])
+        return self.columns.index(self._captions.choose_caption(values, u)[1])
 
     def read(self, step: int, model_index: int) -> tuple[int, np.ndarray, list, int]:
         """The stored samples of one micro-batch; corrupt rows replaced with the online producer's draws."""

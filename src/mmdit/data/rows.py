@@ -270,7 +270,7 @@ class RowReader:
                 handle.close()
         return results
 
-    def _choose_caption(self, values: dict[str, Any], u: float) -> tuple[str, str]:
+    def choose_caption(self, values: dict[str, Any], u: float) -> tuple[str, str]:
         """Column picked by ``u``: the first with probability first_caption_prob, else one of the rest."""
         n = len(self.caption_columns)
         p = self.first_caption_prob
@@ -312,7 +312,7 @@ class RowReader:
         flipped = bool(self.random_flip and draws[1] < 0.5)
         if flipped:
             array = np.ascontiguousarray(array[:, ::-1])
-        caption, column = self._choose_caption(values, float(draws[0]))
+        caption, column = self.choose_caption(values, float(draws[0]))
         extras = {name: values[name] for name in self.extra_columns}
         return Sample(sample_id, array, caption, column, flipped, extras)
 
