@@ -165,7 +165,7 @@ def main(argv=None) -> None:
                              num_steps=cfg.sample.num_steps, cfg_scale=cfg.sample.cfg_scale)
                 images = ((out.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
                 scores = score.score_images(list(zip(images, attrs)), holdout=())
-                for attribute in ("colour", "shape", "position"):
+                for attribute in ("colour", "shape", "position", "size", "all"):
                     report.setdefault(f"{name}_{attribute}", []).append(round(scores[attribute], 3))
         print(json.dumps(report), flush=True)
 

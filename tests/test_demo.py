@@ -11,19 +11,31 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_quick_demo_writes_images_gif_loss_and_scores(tmp_path):
+def test_quick_demo_writes_images_gif_curves_scores_and_tables(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "mmdit", "demo", "--quick", "--out", str(tmp_path)],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     images = tmp_path / "images"
-    for name in ("demo_seen.png", "demo_held_out.png", "demo_loss.png"):
+    for name in ("demo_seen.png", "demo_held_out.png", "demo_curves.png"):
         assert Image.open(images / name).size[0] > 0
     gif = Image.open(images / "demo_denoising.gif")
     assert gif.n_frames >= 1  # Pillow merges identical frames: a 12-step model may still draw the same one
     scores = json.loads((images / "demo_scores.json").read_text())
-    assert scores["seen"]["n"] > 0 and 0.0 <= scores["seen"]["colour"] <= 1.0
-    assert "colour" in result.stdout and "held_out" in result.stdout
+    final = scores["final"]
+    assert final["seen"]["n"] == 144 and final["held_out"]["n"] == 48  # every background, both sizes
+    assert final["seen_small"]["n"] == final["seen_large"]["n"] == 72
+    assert 0.0 <= final["seen"]["colour"] <= 1.0 and 0.0 <= final["held_out"]["background"] <= 1.0
+    # the in-loop evaluation: validation loss every 6 steps (EMA and raw), the scorer at step 12
+    steps = {row["step"]: row for row in scores["in_loop"]}
+    assert sorted(steps) == [6, 12]
+    assert steps[6]["val/ema/loss"] > 0 and steps[6]["val/model/loss"] > 0 and "eval/shapes/all" not in steps[6]
+    assert 0.0 <= steps[12]["eval/shapes/shape"] <= 1.0
+    tables = (images / "demo_tables.md").read_text()
+    assert "| 6 |" in tables and "| 12 |" in tables and "held out, small" in tables
+    out = result.stdout
+    assert "in-loop evaluation" in out and "val loss (EMA)" in out and "held out (never in the data)" in out
+    assert "README.md" not in out  # only a run writing to selected_images/ rewrites the README
 
 
 def test_demo_images_are_near_square_and_share_the_32px_bucket():
@@ -44,3 +56,30 @@ def test_demo_images_are_near_square_and_share_the_32px_bucket():
     assert min(w / h for w, h in wide) < 0.55 and max(w / h for w, h in wide) > 1.8
     with pytest.raises(ValueError, match="max_aspect"):
         random_image_size(rng, 64, 160, 0.5)
+
+
+def test_readme_tables_are_replaced_between_the_markers_only(tmp_path):
+    from mmdit.demo import README_BEGIN, README_END, update_readme
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{README_BEGIN}\nold table\n{README_END}\nrest\n")
+    assert update_readme(readme, "| new |\n")
+    assert readme.read_text() == f"intro\n{README_BEGIN}\n| new |\n{README_END}\nrest\n"
+    assert update_readme(readme, "| newer |\n") and "| new |" not in readme.read_text()
+    readme.write_text("no markers\n")
+    assert not update_readme(readme, "| new |\n") and readme.read_text() == "no markers\n"
+
+
+def test_prompt_sets_cover_every_background_size_and_combination():
+    from mmdit.data.shapes import BACKGROUNDS, COLOURS, DEFAULT_HOLDOUT, SHAPES, SIZES
+    from mmdit.demo import caption, prompt_sets
+    from mmdit.score import expected_from_text
+
+    sets = prompt_sets()
+    seen = {(a["colour"], a["shape"], a["background"], a["size"]) for a in sets["seen"]}
+    held = {(a["colour"], a["shape"], a["background"], a["size"]) for a in sets["held_out"]}
+    combos = {(c, s) for c in COLOURS for s in SHAPES}
+    assert seen == {(c, s, b, z) for c, s in combos - set(DEFAULT_HOLDOUT) for b in BACKGROUNDS for z in SIZES}
+    assert held == {(c, s, b, z) for c, s in DEFAULT_HOLDOUT for b in BACKGROUNDS for z in SIZES}
+    for attrs in sets["seen"] + sets["held_out"]:  # the caption spells what the scorer will check
+        assert expected_from_text(caption(attrs)) == attrs

@@ -1,4 +1,4 @@
-"""The shapes scorer recovers every colour, shape, position and size of drawn images."""
+"""The shapes scorer recovers every colour, shape, position, size and background of drawn images."""
 
 import itertools
 import json
@@ -21,14 +21,15 @@ def test_every_attribute_on_drawn_images(width, height):
         spec = shapes.ShapeSpec(shape, colour, position, size, BACKGROUNDS[i % len(BACKGROUNDS)])
         report = analyze_image(shapes.draw_shape(spec, width, height, rng))
         assert report.found
-        assert report.attributes() == {"colour": colour, "shape": shape, "position": position, "size": size}, spec
+        assert report.attributes() == {"colour": colour, "shape": shape, "position": position, "size": size,
+                                       "background": spec.background}, spec
 
 
 def test_input_formats_and_mild_noise():
     spec = shapes.ShapeSpec("triangle", "purple", "right", "large", "white")
     image = shapes.draw_shape(spec, 64, 64)
     array = np.asarray(image)
-    expected = {"colour": "purple", "shape": "triangle", "position": "right", "size": "large"}
+    expected = {"colour": "purple", "shape": "triangle", "position": "right", "size": "large", "background": "white"}
     assert analyze_image(array).attributes() == expected
     assert analyze_image(array / 255.0).attributes() == expected  # float in [0, 1]
     assert analyze_image(array.transpose(2, 0, 1)).attributes() == expected  # CHW
@@ -40,7 +41,8 @@ def test_input_formats_and_mild_noise():
         blurred = np.asarray(shapes.draw_shape(spec, 64, 64, rng).filter(ImageFilter.GaussianBlur(1.0)), float)
         noisy = np.clip(blurred + rng.normal(0, 12, blurred.shape), 0, 255).astype(np.uint8)
         right += analyze_image(noisy).attributes() == {"colour": spec.colour, "shape": spec.shape,
-                                                       "position": spec.position, "size": "large"}
+                                                       "position": spec.position, "size": "large",
+                                                       "background": spec.background}
     assert right / len(specs) >= 0.95
 
 

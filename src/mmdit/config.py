@@ -347,6 +347,9 @@ class SampleConfig:
             _positive("sample.shift", self.shift)
 
 
+IMAGE_METRICS = ("fd_dinov2", "clip_score", "shapes")
+
+
 @dataclass
 class EvalConfig:
     """Held-out evaluation (mmdit.eval): validation loss at fixed timesteps, FD-DINOv2 and CLIP score.
@@ -370,6 +373,9 @@ class EvalConfig:
     batch_size: int = 16
     # generated images (prompts = the first eval rows' first caption column, seeds = seed + row)
     num_images: int = 256
+    # what is computed on them: fd_dinov2, clip_score, and shapes (mmdit.score's colour / shape / position /
+    # size / background accuracy against the caption: the CPU demo's own scorer, for shapes eval sets)
+    image_metrics: list[str] = field(default_factory=lambda: ["fd_dinov2", "clip_score"])
     dino: str = "facebook/dinov2-base"
     clip: str = "openai/clip-vit-large-patch14"
     # images shown in the grid written to the run folder / wandb
@@ -383,6 +389,8 @@ class EvalConfig:
             _positive(f"eval.{key}", getattr(self, key))
         for w in self.loss_weights:
             _choice("eval.loss_weights[]", w, ("ema", "model"))
+        for m in self.image_metrics:
+            _choice("eval.image_metrics[]", m, IMAGE_METRICS)
 
 
 @dataclass

@@ -1,9 +1,14 @@
 """The CPU demo end to end: shapes data -> create_phase -> create_indices -> torchrun training (1 loader rank
-+ 1 model rank, pixel space, the offline MiniLM text encoder) -> EMA samples, a denoising gif, the loss curve,
-and a score of colour / shape / position on seen and held-out colour x shape combinations.
++ 1 model rank, pixel space, the offline MiniLM text encoder) with held-out evaluation in the loop (validation
+loss at fixed timesteps, and the shapes scorer on images generated from held-out captions) -> EMA samples, a
+denoising gif, the training / validation / score curves, and a score of colour / shape / position / size /
+background over every background and both sizes, on seen and held-out colour x shape combinations.
 
-    python -m mmdit demo            # the full recipe (~12.5 minutes on 2 CPU cores)
+    python -m mmdit demo            # the full recipe (~11 minutes on 2 CPU cores)
     python -m mmdit demo --quick    # a one-minute smoke run of the same pipeline (CI)
+
+With the default image folder (selected_images/) the run also rewrites the README's tables of accuracy
+vs steps, between the ``<!-- demo-table -->`` markers.
 """
 
 from __future__ import annotations
@@ -18,34 +23,55 @@ import time
 from pathlib import Path
 
 from .config import REPO_ROOT, load_config
-from .data.shapes import COLOURS, DEFAULT_HOLDOUT, POSITIONS, SHAPES, SIZE_FRACTION
+from .data.shapes import (
+    BACKGROUNDS,
+    COLOURS,
+    DEFAULT_HOLDOUT,
+    POSITIONS,
+    SHAPES,
+    SIZE_FRACTION,
+    SIZES,
+    ShapeSpec,
+    caption_long,
+)
 
 # The recipe: what the default demo trains (the model is configs/tiny.yaml). Chosen so that colour >= 95% and
 # shape >= 85% on seen combinations after the default run (see README, "The CPU demo"). max_aspect: the demo
 # images are near-square (4:5 to 5:4), so at 32 px they all land in the 32x32 bucket; with the general 1:2 to
 # 2:1 mix, 58% of them became 32x16 or 16x32 pictures whose shapes were 5-6 px across, and shape accuracy
 # stayed at chance.
-FULL = {"rows": 6000, "steps": 3000, "batch": 32, "max_aspect": 1.25}
-QUICK = {"rows": 300, "steps": 12, "batch": 8, "max_aspect": 1.25}
+FULL = {"rows": 6000, "steps": 3000, "batch": 32, "max_aspect": 1.25,
+        "eval_rows": 128, "loss_every": 250, "images_every": 500, "num_images": 48}
+QUICK = {"rows": 300, "steps": 12, "batch": 8, "max_aspect": 1.25,
+         "eval_rows": 24, "loss_every": 6, "images_every": 12, "num_images": 8}
+# The held-out eval set: its own rows (another seed), every colour x shape combination (none held out), so the
+# in-loop score covers every background, both sizes and the combinations the training data never shows.
+EVAL_SEED = 1
+README_BEGIN, README_END = "<!-- demo-table -->", "<!-- /demo-table -->"
 
 
 def prompt_sets(holdout=DEFAULT_HOLDOUT) -> dict[str, list[dict]]:
-    """Seen and held-out colour x shape combinations, each at a few positions, as expected attributes."""
+    """The scored prompts, as expected attributes: every colour x shape combination on every background at
+    both sizes, positions cycling; seen combinations once each (144 prompts), held-out ones twice (48)."""
     held = set(map(tuple, holdout))
     seen, held_out = [], []
     for ci, colour in enumerate(COLOURS):
         for si, shape in enumerate(SHAPES):
-            target = held_out if (colour, shape) in held else seen
-            for k in range(2 if (colour, shape) not in held else len(POSITIONS)):
-                position = POSITIONS[(ci + si + 2 * k) % len(POSITIONS)]
-                target.append({"colour": colour, "shape": shape, "position": position, "size": "large"})
+            is_held = (colour, shape) in held
+            for bi, background in enumerate(BACKGROUNDS):
+                for zi, size in enumerate(SIZES):
+                    for k in range(2 if is_held else 1):
+                        position = POSITIONS[(ci + si + bi + 2 * zi + 3 * k) % len(POSITIONS)]
+                        (held_out if is_held else seen).append(
+                            {"colour": colour, "shape": shape, "position": position, "size": size,
+                             "background": background})
     return {"seen": seen, "held_out": held_out}
 
 
 def caption(attrs: dict) -> str:
-    from .data.shapes import POSITION_PHRASES
-
-    return f"a large {attrs['colour']} {attrs['shape']} {POSITION_PHRASES[attrs['position']]} of a black background"
+    """The long training caption of these attributes (``shapes.caption_long``)."""
+    return caption_long(ShapeSpec(attrs["shape"], attrs["colour"], attrs["position"], attrs.get("size", "large"),
+                                  attrs.get("background", "black")))
 
 
 def _step(msg: str) -> float:
@@ -53,23 +79,35 @@ def _step(msg: str) -> float:
     return time.perf_counter()
 
 
-def prepare_data(out: Path, rows: int, resolution: int, max_aspect: float) -> tuple[Path, Path]:
-    """Shapes data -> create_phase -> create_indices under ``out``, reusing an earlier run's data if it matches."""
+def prepare_data(out: Path, rows: int, resolution: int, max_aspect: float, seed: int = 0, holdout=DEFAULT_HOLDOUT,
+                 name: str = "") -> tuple[Path, Path]:
+    """Shapes data -> create_phase -> create_indices under ``out`` (``<name>raw``, ``<name>phase``), reusing an
+    earlier run's data if it matches."""
     from .data.demo_dataset import make_demo_dataset
     from .data.indices import create_indices
     from .data.phase import create_phase
 
-    raw, phase, index = out / "raw", out / "phase", out / "bucket_indices.npz"
+    raw, phase = out / f"{name}raw", out / f"{name}phase"
+    index = phase / "bucket_indices.npz" if name else out / "bucket_indices.npz"
     info = raw / "demo_dataset.json"
-    wanted = {"num_rows": rows, "max_aspect": max_aspect, "size_fraction": SIZE_FRACTION}
+    wanted = {"num_rows": rows, "max_aspect": max_aspect, "size_fraction": SIZE_FRACTION, "seed": seed,
+              "holdout": [list(p) for p in holdout]}
     found = json.loads(info.read_text()) if info.exists() else {}
     if any(found.get(k) != v for k, v in wanted.items()):
         shutil.rmtree(raw, ignore_errors=True)
         shutil.rmtree(phase, ignore_errors=True)
-        make_demo_dataset(raw, num_rows=rows, rows_per_shard=500, seed=0, max_aspect=max_aspect)
+        make_demo_dataset(raw, num_rows=rows, rows_per_shard=500, seed=seed, holdout=holdout, max_aspect=max_aspect)
     create_phase(raw, phase, max_resolution=resolution, n_proc=1, progress=False)
     create_indices(phase, index)
     return phase, index
+
+
+def eval_overrides(eval_phase: Path, recipe: dict) -> list[str]:
+    """The in-loop evaluation of the demo: validation loss (EMA and raw weights) and the shapes scorer."""
+    return [f"eval.parquet_folder={eval_phase}", f"eval.loss_every={recipe['loss_every']}",
+            f"eval.images_every={recipe['images_every']}", f"eval.loss_samples={recipe['eval_rows']}",
+            f"eval.num_images={recipe['num_images']}", "eval.image_metrics=[shapes]", "eval.loss_weights=[ema,model]",
+            "eval.batch_size=48", "eval.grid_images=16"]
 
 
 def train(out: Path, phase: Path, index: Path, steps: int, batch: int, extra: list[str]) -> Path:
@@ -87,23 +125,34 @@ def train(out: Path, phase: Path, index: Path, steps: int, batch: int, extra: li
     return out / "models" / "tiny"
 
 
-def plot_loss(run_dir: Path, path: Path) -> None:
-    import matplotlib
+def eval_curve(run_dir: Path) -> list[dict]:
+    """The in-loop evaluations of the run, one row per step: validation losses and shapes scores."""
+    rows: dict[int, dict] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        found = {k: v for k, v in record.items() if k.startswith(("val/", "eval/"))}
+        if found:
+            rows.setdefault(record["step"], {"step": record["step"]}).update(found)
+    return [rows[s] for s in sorted(rows)]
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in records], [r["loss"] for r in records], lw=1.5)
-    ax.set_xlabel("optimizer step")
-    ax.set_yscale("log")  # the first 100 steps fall 30x; the shape-learning part is the slow tail
-    ax.set_ylabel("rectified-flow loss (velocity MSE)")
-    ax.set_title("CPU demo: tiny MMDiT on shapes")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+CURVE_COLUMNS = (("val/ema/loss", "val loss (EMA)", "{:.4f}"), ("val/model/loss", "val loss (raw)", "{:.4f}"),
+                 ("eval/shapes/colour", "colour", "{:.0%}"), ("eval/shapes/shape", "shape", "{:.0%}"),
+                 ("eval/shapes/position", "position", "{:.0%}"), ("eval/shapes/size", "size", "{:.0%}"),
+                 ("eval/shapes/background", "background", "{:.0%}"), ("eval/shapes/all", "all", "{:.0%}"))
+
+
+def curve_table(curve: list[dict]) -> list[list[str]]:
+    """Rows of [step, then each of CURVE_COLUMNS] ('' where that step did not compute it)."""
+    return [[str(row["step"])] + [fmt.format(row[key]) if key in row else "" for key, _, fmt in CURVE_COLUMNS]
+            for row in curve]
+
+
+def plot_curves(run_dir: Path, path: Path) -> None:
+    """Training loss, validation loss and the in-loop shapes scores against steps, side by side."""
+    from .eval.plot import plot_run
+
+    plot_run(run_dir, path, title="CPU demo: tiny MMDiT on shapes (held-out eval set in the loop)")
 
 
 def sample_and_score(run_dir: Path, out: Path, images_dir: Path, num_steps: int) -> dict:
@@ -115,21 +164,67 @@ def sample_and_score(run_dir: Path, out: Path, images_dir: Path, num_steps: int)
     results = {}
     for name, attrs in prompt_sets().items():
         prompts = [caption(a) for a in attrs]
-        images = pipe.generate(prompts, width=res, height=res, num_steps=num_steps, seed=0, batch_size=16)
-        grid = image_grid(images, cols=6)
-        grid.resize((grid.width * 3, grid.height * 3), 0).save(images_dir / f"demo_{name}.png")
+        images = pipe.generate(prompts, width=res, height=res, num_steps=num_steps, seed=0, batch_size=48)
+        grid = image_grid(images, cols=16 if name == "seen" else 8)
+        grid.resize((grid.width * 2, grid.height * 2), 0).save(images_dir / f"demo_{name}.png")
         results[name] = score_images(list(zip(images, attrs)), holdout=())
+        for size in ("large", "small"):
+            part = [(im, a) for im, a in zip(images, attrs) if a["size"] == size]
+            results[f"{name}_{size}"] = score_images(part, holdout=())
     gif_prompt = caption({"colour": "green", "shape": "triangle", "position": "left"})
     _, frames = pipe.generate([gif_prompt], width=res, height=res, num_steps=num_steps, seed=1, return_frames=True)
     save_gif([f.resize((192, 192), 0) for f in frames[0]], images_dir / "demo_denoising.gif")
     return results
 
 
-def print_table(scores: dict) -> None:
-    print("\n  combinations     n  colour  shape  position  all")
-    for name, s in scores.items():
-        print(f"  {name:<12} {s['n']:>5}  {s['colour']:>6.1%}  {s['shape']:>5.1%}  {s['position']:>8.1%}  "
-              f"{s['all']:>4.0%}")
+SCORE_COLUMNS = ("colour", "shape", "position", "size", "background", "all")
+SCORE_ROWS = (("seen", "seen"), ("seen_large", "seen, large"), ("seen_small", "seen, small"),
+              ("held_out", "held out (never in the data)"), ("held_out_large", "held out, large"),
+              ("held_out_small", "held out, small"))
+
+
+def print_table(scores: dict, curve: list[dict]) -> None:
+    print("\n  in-loop evaluation (held-out eval set; score: images generated from its captions)")
+    print("  " + "  ".join(f"{h:>14}" for h in ["step"] + [title for _, title, _ in CURVE_COLUMNS]))
+    for row in curve_table(curve):
+        print("  " + "  ".join(f"{v:>14}" for v in row))
+    print("\n  final prompts (every background, both sizes)")
+    print("  " + f"{'combinations':<30}{'n':>5}" + "".join(f"{c:>12}" for c in SCORE_COLUMNS))
+    for key, title in SCORE_ROWS:
+        s = scores[key]
+        print("  " + f"{title:<30}{s['n']:>5}" + "".join(f"{s.get(c, 0):>12.1%}" for c in SCORE_COLUMNS))
+
+
+def markdown_tables(scores: dict, curve: list[dict], recipe: dict, seconds: float) -> str:
+    """The README's demo tables, as written by the run that measured them."""
+    lines = [f"Written by `python -m mmdit demo` itself ({recipe['steps']} steps of {recipe['batch']}, "
+             f"{seconds / 60:.1f} minutes in all on this run's machine).", "",
+             f"In the loop, on the held-out eval set ({recipe['eval_rows']} rows of another seed, every colour x "
+             f"shape combination, every background and size): validation loss at 8 fixed timesteps, and the "
+             f"scorer on {recipe['num_images']} images generated from its captions:", "",
+             "| step | " + " | ".join(title for _, title, _ in CURVE_COLUMNS) + " |",
+             "| --- " * (len(CURVE_COLUMNS) + 1) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in curve_table(curve)]
+    lines += ["", f"At the end, on the {scores['seen']['n'] + scores['held_out']['n']} demo prompts (every seen "
+              "colour x shape combination on every background at both sizes; every held-out one twice):", "",
+              "| combinations | images | " + " | ".join(SCORE_COLUMNS) + " |",
+              "| --- " * (len(SCORE_COLUMNS) + 2) + "|"]
+    for key, title in SCORE_ROWS:
+        s = scores[key]
+        lines.append(f"| {title} | {s['n']} | " + " | ".join(f"{s.get(c, 0):.1%}".replace("%", " %")
+                                                              for c in SCORE_COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(readme: Path, table: str) -> bool:
+    """Replace the text between the demo-table markers; False (and nothing written) if they are missing."""
+    text = readme.read_text() if readme.is_file() else ""
+    if README_BEGIN not in text or README_END not in text:
+        return False
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    readme.write_text(f"{head}{README_BEGIN}\n{table}{README_END}{tail}")
+    return True
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -152,17 +247,29 @@ def main(argv: list[str] | None = None) -> None:
     t_start = time.perf_counter()
 
     res = load_config("tiny").model.max_res
-    t = _step(f"data: {recipe['rows']} shapes images -> aspect buckets <= {res} px -> bucket index")
+    t = _step(f"data: {recipe['rows']} shapes images -> aspect buckets <= {res} px -> bucket index; "
+              f"eval set: {recipe['eval_rows']} more (another seed, no combination held out)")
     phase, index = prepare_data(out, recipe["rows"], res, recipe["max_aspect"])
+    eval_phase, _ = prepare_data(out, recipe["eval_rows"], res, recipe["max_aspect"], seed=EVAL_SEED, holdout=(),
+                                 name="eval_")
     print(f"    {time.perf_counter() - t:.1f}s")
-    t = _step(f"train {recipe['steps']} steps, batch {recipe['batch']} (torchrun: 1 loader rank + 1 model rank)")
-    run_dir = train(out, phase, index, recipe["steps"], recipe["batch"], args.overrides)
+    t = _step(f"train {recipe['steps']} steps, batch {recipe['batch']} (torchrun: 1 loader rank + 1 model rank), "
+              f"validation loss every {recipe['loss_every']}, scorer every {recipe['images_every']}")
+    run_dir = train(out, phase, index, recipe["steps"], recipe["batch"],
+                    eval_overrides(eval_phase, recipe) + args.overrides)
     print(f"    {time.perf_counter() - t:.1f}s")
-    t = _step("sample from the EMA weights and score colour / shape / position")
-    plot_loss(run_dir, images_dir / "demo_loss.png")
+    t = _step("sample from the EMA weights and score colour / shape / position / size / background")
+    plot_curves(run_dir, images_dir / "demo_curves.png")
     scores = sample_and_score(run_dir, out, images_dir, num_steps=8 if args.quick else 24)
-    (images_dir / "demo_scores.json").write_text(json.dumps(scores, indent=2) + "\n")
+    curve = eval_curve(run_dir)
+    (images_dir / "demo_scores.json").write_text(json.dumps({"final": scores, "in_loop": curve}, indent=2) + "\n")
     print(f"    {time.perf_counter() - t:.1f}s")
-    print_table(scores)
-    print(f"\nimages, gif, loss curve and scores: {images_dir}")
-    print(f"checkpoints: {run_dir}   total: {time.perf_counter() - t_start:.0f}s")
+    print_table(scores, curve)
+    seconds = time.perf_counter() - t_start
+    table = markdown_tables(scores, curve, recipe, seconds)
+    (images_dir / "demo_tables.md").write_text(table)
+    if images_dir.resolve() == (REPO_ROOT / "selected_images").resolve() and update_readme(REPO_ROOT / "README.md",
+                                                                                           table):
+        print("\nREADME.md: demo tables rewritten from this run")
+    print(f"\nimages, gif, curves and scores: {images_dir}")
+    print(f"checkpoints: {run_dir}   total: {seconds:.0f}s")

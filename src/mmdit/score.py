@@ -1,12 +1,12 @@
-"""Score generated shapes images: recover colour, shape, position and size, compare with the prompt.
+"""Score generated shapes images: recover colour, shape, position, size and background, compare with the prompt.
 
 The estimate is geometric, with no learned model: the background colour is the median of the border
-pixels, the foreground is every pixel far from it, and the largest 4-connected foreground component
-is the shape. Its median colour gives the nearest palette colour; its bounding box gives the position
-(box centre relative to the image), the size (box side relative to the shorter image side) and the
-kind of shape: an upward triangle has little mass in its top half and empty top corners; a square
-fills the corners of its box, a circle leaves them empty (fill ratio: square ~1, circle ~0.785,
-triangle ~0.5, reported as ``fill``). The estimate tolerates mild blur and noise.
+pixels (the nearest of the shapes backgrounds names it), the foreground is every pixel far from it, and
+the largest 4-connected foreground component is the shape. Its median colour gives the nearest palette
+colour; its bounding box gives the position (box centre relative to the image), the size (box side
+relative to the shorter image side) and the kind of shape: an upward triangle has little mass in its top
+half and empty top corners; a square fills the corners of its box, a circle leaves them empty (fill ratio:
+square ~1, circle ~0.785, triangle ~0.5, reported as ``fill``). The estimate tolerates mild blur and noise.
 
 CLI: ``python -m mmdit score <folder>`` (or ``mmdit.score.main(argv)``). Expected attributes come from
 ``<folder>/expected.json`` (``{"file.png": {"colour": "red", "shape": "circle", ...}}``), a
@@ -25,9 +25,18 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mmdit.data.shapes import COLOURS, DEFAULT_HOLDOUT, POSITIONS, SHAPES, SIZE_FRACTION, SIZES, parse_holdout
+from mmdit.data.shapes import (
+    BACKGROUNDS,
+    COLOURS,
+    DEFAULT_HOLDOUT,
+    POSITIONS,
+    SHAPES,
+    SIZE_FRACTION,
+    SIZES,
+    parse_holdout,
+)
 
-ATTRIBUTES = ("colour", "shape", "position", "size")
+ATTRIBUTES = ("colour", "shape", "position", "size", "background")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # distance in RGB from the background above which a pixel is foreground
 FOREGROUND_THRESHOLD = 60.0
@@ -48,6 +57,7 @@ class ShapeReport:
     shape: str = "none"
     position: str = "none"
     size: str = "none"
+    background: str = "none"
     fill: float = 0.0
     area_fraction: float = 0.0
 
@@ -112,6 +122,8 @@ def analyze_image(image, threshold: float = FOREGROUND_THRESHOLD) -> ShapeReport
         pixels[:, :ring].reshape(-1, 3), pixels[:, -ring:].reshape(-1, 3),
     ])
     background = np.median(border, axis=0)
+    grounds = list(BACKGROUNDS)
+    ground = grounds[int(np.argmin(np.linalg.norm(np.array([BACKGROUNDS[g] for g in grounds]) - background, axis=1)))]
     distance = _box_blur(np.linalg.norm(pixels - background, axis=2))
     strong = distance > threshold
     if strong.any():
@@ -120,7 +132,7 @@ def analyze_image(image, threshold: float = FOREGROUND_THRESHOLD) -> ShapeReport
     component = largest_component(distance > threshold)
     area = int(component.sum())
     if area < MIN_AREA_FRACTION * height * width:
-        return ShapeReport(found=False, area_fraction=area / (height * width))
+        return ShapeReport(found=False, background=ground, area_fraction=area / (height * width))
     ys, xs = np.nonzero(component)
     y0, y1, x0, x1 = ys.min(), ys.max(), xs.min(), xs.max()
     box_h, box_w = y1 - y0 + 1, x1 - x0 + 1
@@ -158,23 +170,22 @@ def analyze_image(image, threshold: float = FOREGROUND_THRESHOLD) -> ShapeReport
         position = "top" if dy < 0 else "bottom"
 
     size = "large" if max(box_h, box_w) / min(height, width) >= SIZE_THRESHOLD else "small"
-    return ShapeReport(True, colour, shape, position, size, float(fill), area / (height * width))
+    return ShapeReport(True, colour, shape, position, size, ground, float(fill), area / (height * width))
 
 
-def score_images(items, holdout=DEFAULT_HOLDOUT) -> dict:
-    """Per-attribute accuracy of ``items`` = iterable of ``(image, expected attributes dict)``.
+def check_image(image, expected: dict, holdout=DEFAULT_HOLDOUT) -> tuple[dict[str, bool], bool, bool]:
+    """(attribute -> right?, shape found?, held-out combination?) of one image against its expected attributes.
+    Only attributes present in ``expected`` are checked."""
+    report = analyze_image(image)
+    got = report.attributes()
+    checks = {k: got[k] == v for k, v in expected.items() if k in ATTRIBUTES}
+    held = (expected.get("colour"), expected.get("shape")) in set(map(tuple, holdout))
+    return checks, report.found, held
 
-    Only attributes present in the expected dicts are scored; ``all`` is the fraction of images with
-    every expected attribute right. When expectations name colour and shape, ``seen`` and ``held_out``
-    repeat the scores for combinations inside and outside ``holdout``.
-    """
-    rows = []
-    for image, expected in items:
-        report = analyze_image(image)
-        got = report.attributes()
-        checks = {k: got[k] == v for k, v in expected.items() if k in ATTRIBUTES}
-        held = (expected.get("colour"), expected.get("shape")) in set(map(tuple, holdout))
-        rows.append((checks, report.found, held))
+
+def summarise_checks(rows: list[tuple[dict[str, bool], bool, bool]], split: bool = True) -> dict:
+    """Per-attribute accuracy of :func:`check_image` rows; ``all`` is the fraction with every attribute right.
+    With ``split`` and some held-out rows, ``seen`` and ``held_out`` repeat the scores for each part."""
 
     def summarise(selected) -> dict:
         result: dict = {"n": len(selected)}
@@ -189,20 +200,40 @@ def score_images(items, holdout=DEFAULT_HOLDOUT) -> dict:
         return result
 
     scores = summarise(rows)
-    if holdout and any(held for _, _, held in rows):
+    if split and any(held for _, _, held in rows):
         scores["seen"] = summarise([r for r in rows if not r[2]])
         scores["held_out"] = summarise([r for r in rows if r[2]])
     return scores
 
 
+def score_images(items, holdout=DEFAULT_HOLDOUT) -> dict:
+    """Per-attribute accuracy of ``items`` = iterable of ``(image, expected attributes dict)``.
+
+    Only attributes present in the expected dicts are scored; ``all`` is the fraction of images with
+    every expected attribute right. When expectations name colour and shape, ``seen`` and ``held_out``
+    repeat the scores for combinations inside and outside ``holdout``.
+    """
+    return summarise_checks([check_image(image, expected, holdout) for image, expected in items], bool(holdout))
+
+
 def expected_from_name(name: str) -> dict[str, str]:
     """Attributes spelled in a file name, e.g. ``red_circle_left_large_03.png``."""
-    tokens = re.split(r"[^a-z]+", Path(name).stem.lower())
+    return expected_from_text(Path(name).stem)
+
+
+def expected_from_text(text: str) -> dict[str, str]:
+    """Attributes spelled in a caption or a name: ``"a small red circle at the top of a dark gray background"``
+    or ``red_circle_top_small_dark_gray``."""
+    tokens = re.split(r"[^a-z]+", text.lower())
     found = {}
     for attribute, vocabulary in (("colour", COLOURS), ("shape", SHAPES), ("position", POSITIONS), ("size", SIZES)):
         match = next((t for t in tokens if t in vocabulary), None)
         if match:
             found[attribute] = match
+    joined = " ".join(tokens)
+    ground = next((g for g in BACKGROUNDS if re.search(rf"\b{g}\b", joined)), None)
+    if ground:
+        found["background"] = ground
     return found
 
 

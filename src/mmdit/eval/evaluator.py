@@ -151,8 +151,12 @@ class Evaluator:
         return self.real_stats
 
     def image_metrics(self, model: torch.nn.Module, step: int, out_dir: Optional[Path] = None) -> dict[str, float]:
-        """``eval/fd_dinov2`` and ``eval/clip_score`` of generated images; a grid to ``out_dir`` (first rank)."""
-        dino, clip = self._extractors()
+        """``eval.image_metrics`` of generated images: ``eval/fd_dinov2``, ``eval/clip_score``,
+        ``eval/shapes/<attribute>``; a grid to ``out_dir`` (first rank)."""
+        wanted = self.cfg.eval.image_metrics
+        dino = clip = None
+        if "fd_dinov2" in wanted or "clip_score" in wanted:
+            dino, clip = self._extractors()
         was_training = model.training
         model.eval()
         local, shown = {}, []
@@ -160,17 +164,24 @@ class Evaluator:
             if not len(ids):
                 continue
             images = self.generate(model, chunk, ids, cond)
-            local[chunk.number] = (dino(images), clip.images(images), clip.texts(captions))
+            local[chunk.number] = {
+                "dino": dino(images) if "fd_dinov2" in wanted else None,
+                "clip": (clip.images(images), clip.texts(captions)) if "clip_score" in wanted else None,
+                "shapes": shape_checks(images, captions) if "shapes" in wanted else None,
+            }
             shown.extend(to_pil(images)[: max(0, self.cfg.eval.grid_images - len(shown))])
         model.train(was_training)
         merged = gather_by_chunk(local, self.group, self.num_ranks)
-        order = sorted(merged)
-        fake = FeatureStats.of(torch.cat([merged[n][0] for n in order]))
-        values = {
-            "eval/fd_dinov2": frechet_distance(fake, self._real_stats(dino)),
-            "eval/clip_score": clip_score(torch.cat([merged[n][1] for n in order]),
-                                          torch.cat([merged[n][2] for n in order])),
-        }
+        parts = [merged[n] for n in sorted(merged)]
+        values = {}
+        if "fd_dinov2" in wanted:
+            fake = FeatureStats.of(torch.cat([p["dino"] for p in parts]))
+            values["eval/fd_dinov2"] = frechet_distance(fake, self._real_stats(dino))
+        if "clip_score" in wanted:
+            values["eval/clip_score"] = clip_score(torch.cat([p["clip"][0] for p in parts]),
+                                                   torch.cat([p["clip"][1] for p in parts]))
+        if "shapes" in wanted:
+            values.update(shape_scores([row for p in parts for row in p["shapes"]]))
         if self.model_index == 0 and shown:
             size = shown[0].size
             self.last_grid = image_grid([im.resize(size) for im in shown])
@@ -178,3 +189,23 @@ class Evaluator:
                 Path(out_dir).mkdir(parents=True, exist_ok=True)
                 self.last_grid.save(Path(out_dir) / f"grid_step_{step:08d}.png")
         return values
+
+
+def shape_checks(images: torch.Tensor, captions: list[str]) -> list[tuple[dict, bool, bool]]:
+    """``mmdit.score`` checks of uint8 images [B, 3, H, W] against the attributes their captions spell."""
+    from ..score import check_image, expected_from_text
+
+    arrays = images.permute(0, 2, 3, 1).cpu().numpy()
+    return [check_image(a, expected_from_text(c)) for a, c in zip(arrays, captions)]
+
+
+def shape_scores(rows: list[tuple[dict, bool, bool]]) -> dict[str, float]:
+    """``eval/shapes/<attribute>`` and ``all`` overall, ``eval/shapes/held_out_all`` for held-out combinations."""
+    from ..score import summarise_checks
+
+    scores = summarise_checks(rows)
+    values = {f"eval/shapes/{k}": v for k, v in scores.items() if isinstance(v, float)}
+    for part in ("seen", "held_out"):
+        if part in scores and "all" in scores[part]:
+            values[f"eval/shapes/{part}_all"] = scores[part]["all"]
+    return values
