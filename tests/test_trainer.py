@@ -170,3 +170,4 @@ def test_training_loop_logs_held_out_metrics(tiny_models, demo_data, tmp_path):
     assert "val/ema/loss" in evals[2] and "val/model/loss" in evals[2], evals[2]  # eval.loss_weights: both
     assert evals[2]["val/ema/loss"] != evals[4]["val/ema/loss"]  # the weights trained in between
     assert "eval/fd_dinov2" in evals[4] and "eval/clip_score" in evals[4] and "eval/fd_dinov2" not in evals[2]
+    assert all(evals[s]["eval/seconds"] > 0 for s in (2, 4))  # what each evaluation cost, logged with it

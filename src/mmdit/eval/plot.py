@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Optional
 
 PANELS = ("train_loss", "loss", "fd_dinov2", "clip_score", "shapes")
-TITLES = {"train_loss": "training loss (log)", "loss": "validation loss", "fd_dinov2": "FD-DINOv2 (lower is better)",
-          "clip_score": "CLIP score", "shapes": "shapes scorer accuracy"}
+TITLES = {"train_loss": "training loss (log)", "loss": "validation loss (log)",
+          "fd_dinov2": "FD-DINOv2 (lower is better)", "clip_score": "CLIP score", "shapes": "shapes scorer accuracy"}
 SHAPE_LINES = ("colour", "shape", "position", "size", "background", "all")
 
 
@@ -61,8 +61,8 @@ def plot_run(run_dir: Path, out: Optional[Path] = None, title: Optional[str] = N
             dense = len(points) > 40  # the training loss: a line, no markers
             ax.plot([s for s, _ in points], [v for _, v in points], marker=None if dense else "o", ms=3, label=label,
                     lw=2.2 if label.startswith("all") else 1.2)
-        if panel == "train_loss":
-            ax.set_yscale("log")
+        if panel in ("train_loss", "loss"):
+            ax.set_yscale("log")  # the first hundreds of steps fall 10-30x; the slow tail is what matters
         ax.set_title(TITLES[panel])
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -373,6 +373,7 @@ class Trainer:
         ev = self.cfg.eval
         if evaluator is None:
             return
+        t0 = time.perf_counter()
         values = {}
         if ev.loss_every and self.step % ev.loss_every == 0:
             weights = {"ema": self.ema.model, "model": self.model}
@@ -382,6 +383,7 @@ class Trainer:
             if logger is not None and evaluator.last_grid is not None:
                 logger.log_images(self.step, "eval/grid", [evaluator.last_grid])
         if values and logger is not None:
+            values["eval/seconds"] = time.perf_counter() - t0  # what this evaluation cost the run
             logger.log(self.step, values)
 
     def _report(self, logger: MetricsLogger | None, window: dict, grad_norm: torch.Tensor, loss_by_t: LossByT, source,
