@@ -9,34 +9,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .config_checks import ConfigError, _choice, _positive, _probability
+from .config_eval import EvalConfig  # the eval section; ConfigError is re-exported for every caller
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / "configs"
-
-
-class ConfigError(ValueError):
-    """A bad configuration value; the message names the key and what is allowed."""
-
-
-def _choice(key: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is not allowed; choose one of {list(allowed)}")
-
-
-def _positive(key: str, value: float, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{key}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
-
-
-def _probability(key: str, value: float) -> None:
-    if not 0.0 <= value <= 1.0:
-        raise ConfigError(f"{key}={value!r} must be a probability in [0, 1]")
-
 
 POS_ENCODINGS = ("RoPE2d", "RoPE", "absolute", "NoPE")
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "naive", "flash_attn", "xformers", "cosine")
@@ -345,52 +328,6 @@ class SampleConfig:
         _positive("sample.num_steps", self.num_steps)
         if self.shift is not None:
             _positive("sample.shift", self.shift)
-
-
-IMAGE_METRICS = ("fd_dinov2", "clip_score", "shapes")
-
-
-@dataclass
-class EvalConfig:
-    """Held-out evaluation (mmdit.eval): validation loss at fixed timesteps, FD-DINOv2 and CLIP score.
-
-    The eval set is a parquet folder of its own (never trained on) with a bucket index, both written by the
-    data tools; ``index`` "" means ``<parquet_folder>/bucket_indices.npz``.
-    """
-
-    parquet_folder: str = ""
-    index: str = ""
-    # optimizer steps between validation losses / image metrics in the training loop (when parquet_folder is
-    # set); 0 = off
-    loss_every: int = 1000
-    images_every: int = 10000
-    # eval-set rows used for the loss (the first ones of the index, bucket by bucket); 0 = all
-    loss_samples: int = 256
-    # timesteps of the loss grid, placed at the mid-quantiles of the training law (flow.*), then shifted
-    num_timesteps: int = 8
-    # weights the in-loop loss is computed for: ema, model (raw) or both
-    loss_weights: list[str] = field(default_factory=lambda: ["ema", "model"])
-    batch_size: int = 16
-    # generated images (prompts = the first eval rows' first caption column, seeds = seed + row)
-    num_images: int = 256
-    # what is computed on them: fd_dinov2, clip_score, and shapes (mmdit.score's colour / shape / position /
-    # size / background accuracy against the caption: the CPU demo's own scorer, for shapes eval sets)
-    image_metrics: list[str] = field(default_factory=lambda: ["fd_dinov2", "clip_score"])
-    dino: str = "facebook/dinov2-base"
-    clip: str = "openai/clip-vit-large-patch14"
-    # images shown in the grid written to the run folder / wandb
-    grid_images: int = 8
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for key in ("loss_every", "images_every", "loss_samples"):
-            _positive(f"eval.{key}", getattr(self, key), allow_zero=True)
-        for key in ("num_timesteps", "batch_size", "num_images"):
-            _positive(f"eval.{key}", getattr(self, key))
-        for w in self.loss_weights:
-            _choice("eval.loss_weights[]", w, ("ema", "model"))
-        for m in self.image_metrics:
-            _choice("eval.image_metrics[]", m, IMAGE_METRICS)
 
 
 @dataclass
