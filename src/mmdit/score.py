@@ -112,6 +112,13 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     return labels == values[np.argmax(counts)]
 
 
+def nearest_name(table: dict[str, tuple[int, int, int]], rgb: np.ndarray) -> str:
+    """The name in ``table`` (name -> RGB) whose colour is nearest to ``rgb``."""
+    names = list(table)
+    palette = np.array([table[n] for n in names], dtype=np.float64)
+    return names[int(np.argmin(np.linalg.norm(palette - rgb, axis=1)))]
+
+
 def analyze_image(image, threshold: float = FOREGROUND_THRESHOLD) -> ShapeReport:
     """Find the dominant shape of an RGB image (numpy HWC uint8/float, or PIL) and describe it."""
     pixels = _to_array(image)
@@ -122,8 +129,7 @@ def analyze_image(image, threshold: float = FOREGROUND_THRESHOLD) -> ShapeReport
         pixels[:, :ring].reshape(-1, 3), pixels[:, -ring:].reshape(-1, 3),
     ])
     background = np.median(border, axis=0)
-    grounds = list(BACKGROUNDS)
-    ground = grounds[int(np.argmin(np.linalg.norm(np.array([BACKGROUNDS[g] for g in grounds]) - background, axis=1)))]
+    ground = nearest_name(BACKGROUNDS, background)
     distance = _box_blur(np.linalg.norm(pixels - background, axis=2))
     strong = distance > threshold
     if strong.any():
@@ -141,9 +147,7 @@ def analyze_image(image, threshold: float = FOREGROUND_THRESHOLD) -> ShapeReport
     # colour from the inner half of the shape (farthest from the background), not its blended edge
     inner = component & (distance >= np.median(distance[component]))
     median = np.median(pixels[inner], axis=0)
-    names = list(COLOURS)
-    palette = np.array([COLOURS[n] for n in names], dtype=np.float64)
-    colour = names[int(np.argmin(np.linalg.norm(palette - median, axis=1)))]
+    colour = nearest_name(COLOURS, median)
 
     middle = (y0 + y1) / 2
     top_mass = int((ys < middle).sum())
