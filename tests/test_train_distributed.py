@@ -36,6 +36,7 @@ def base_overrides(tiny_models: dict, data: dict, save_dir: Path, steps: int, **
         "encoders.text.2.name": tiny_models["clip"], "encoders.vae": tiny_models["vae"],
         "data.parquet_folder": data["phase"], "data.bucket_indices_path": data["index"],
         "data.batch_size": 4, "train.save_dir": save_dir, "train.total_steps": steps, "train.log_every": 1,
+        "train.weights_digest": True,
         "train.save_every": 1000, "train.warmup_steps": 0, "train.lr_schedule": "constant", "train.precision": "fp32",
         "train.log_samples": True,
     }

@@ -239,11 +239,17 @@ class TopologyConfig:
     loader_to_model: dict[int, list[int]] = field(default_factory=dict)
     loaders_per_node: int = 0
     backend: str = "auto"  # auto = nccl on CUDA, gloo on CPU
-    # seconds a collective may wait (loading a 2B text encoder counts); a rank that raises ends the job at once
+    # seconds the ranks may take to join at start (process-group set-up); after that no wait for a live peer
+    # has a limit (a save, a compile, an eval may take hours): dead peers are found by the heartbeat instead
     timeout_s: float = 1800.0
+    heartbeat_s: float = 5.0  # every rank beats a counter in torchrun's store this often (mmdit.train.liveness)
+    dead_peer_s: float = 60.0  # a rank whose heartbeat stops this long is dead: the job ends, naming it
 
     def __post_init__(self) -> None:
         _choice("topology.backend", self.backend, ("auto", "nccl", "gloo"))
+        if not 0 < 3 * self.heartbeat_s <= self.dead_peer_s:
+            raise ConfigError(f"topology.dead_peer_s={self.dead_peer_s} must be at least 3 x topology.heartbeat_s="
+                              f"{self.heartbeat_s} (> 0), or a slow beat reads as a dead peer")
         if self.loader_to_model and self.loaders_per_node:
             raise ConfigError("set either topology.loader_to_model or topology.loaders_per_node, not both")
 
@@ -294,6 +300,9 @@ class TrainConfig:
     # how model ranks share the model: ddp (a full copy per rank; the default up to ~1.2B) or fsdp (FSDP2:
     # weights, gradients, optimizer state and EMA sharded over the model ranks; mmdit.train.parallel)
     parallel: str = "ddp"
+    # SHA-256 of the final weights in summary_rank<r>.json (a gather of every weight under FSDP: tests only,
+    # never on by default, because it would run in the window between a stop's checkpoint and the exit)
+    weights_digest: bool = False
 
     def __post_init__(self) -> None:
         _positive("train.total_steps", self.total_steps)

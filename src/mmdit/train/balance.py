@@ -30,6 +30,8 @@ class RankBalance:
     elapsed_s: float
     loader: int | None  # its loader rank (None: it loads its own data in background workers)
     loader_busy: float  # that loader's busy fraction, from the newest header
+    loss_sum: float = 0.0  # its training losses over the interval (the logged loss averages every rank's)
+    loss_count: int = 0
 
 
 def gather_balance(mine: RankBalance, group, num_model_ranks: int) -> list[RankBalance]:
@@ -39,6 +41,11 @@ def gather_balance(mine: RankBalance, group, num_model_ranks: int) -> list[RankB
     out: list = [None] * num_model_ranks
     dist.all_gather_object(out, mine, group=group)
     return out
+
+
+def mean_loss(ranks: list[RankBalance]) -> float:
+    """The training loss of the interval averaged over every model rank's micro-steps."""
+    return sum(r.loss_sum for r in ranks) / max(1, sum(r.loss_count for r in ranks))
 
 
 def balance_metrics(ranks: list[RankBalance]) -> dict[str, float]:

@@ -200,10 +200,13 @@ class BatchSource:
             return
         self._queue.put(_END)
 
-    def get(self, step: int) -> Batch:
+    def get(self, step: int, hidden=None) -> Batch:
+        """The batch of ``step``. The time spent waiting counts in ``wait_s`` unless ``hidden()`` says the
+        device was busy with queued work all along (then nobody waited)."""
         t0 = time.perf_counter()
         item = self._queue.get()
-        self.wait_s += time.perf_counter() - t0
+        if hidden is None or not hidden():
+            self.wait_s += time.perf_counter() - t0
         if isinstance(item, BaseException):
             raise RuntimeError(f"data for step {step} could not be produced: {item}") from item
         if item is _END:

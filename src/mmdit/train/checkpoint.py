@@ -224,7 +224,8 @@ def write_states(tmp: Path, files: list[str], **states: Any) -> None:
 def commit_save(final: Path, tmp: Path, step: int, files: list[str], trainer_state: dict, config: Any,
                 keep_last: int, manifest_extra: dict | None = None) -> None:
     """Write the trainer state, config and the COMPLETE manifest into ``tmp``, fsync, rename it to
-    ``final`` (atomic), then keep only the newest ``keep_last`` complete checkpoints."""
+    ``final`` (atomic), then keep only the newest ``keep_last`` complete checkpoints of its lineage
+    (:mod:`mmdit.train.lineage`)."""
     run_dir = final.parent
     # sizes of the tensor files: a truncated or damaged one makes the checkpoint incomplete (the two text
     # files are left out: a user may edit them)
@@ -250,8 +251,10 @@ def commit_save(final: Path, tmp: Path, step: int, files: list[str], trainer_sta
         os.rename(tmp, final)
         _fsync_path(run_dir)
 
-    if keep_last > 0:
-        complete = [p for _, p in _step_dirs(run_dir) if _check_complete(p, raise_error=False)]
+    if keep_last > 0:  # counted within this checkpoint's lineage: other branches are the user's to delete
+        mine = (trainer_state.get("lineage") or {}).get("id")
+        complete = [p for _, p in _step_dirs(run_dir) if _check_complete(p, raise_error=False)
+                    and (read_trainer_state(p).get("lineage") or {}).get("id") == mine]
         for old in complete[:-keep_last]:
             if old != final:
                 _remove_tree(old)

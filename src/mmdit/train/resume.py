@@ -24,6 +24,7 @@ import torch.distributed as dist
 from ..config import Config, ConfigError
 from ..data.segments import SCHEDULE_KEYS
 from . import checkpoint as ckpt
+from . import lineage
 
 log = logging.getLogger(__name__)
 SCHEDULE_VERSION = 1  # bump when the sample order of a given layout changes
@@ -66,6 +67,8 @@ class ResumePlan:
     samples_seen: int  # global samples trained on before start_micro
     segments: list[dict] = field(default_factory=list)  # the schedule segments (mmdit.data.segments)
     error: str | None = None  # set when the checkpoint does not fit: every rank raises it
+    lineage: str = ""  # the lineage this job's checkpoints belong to (mmdit.train.lineage)
+    parent: str | None = None  # the checkpoint that lineage branched from
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -83,12 +86,20 @@ def layout_differences(recorded: dict, current: dict) -> dict[str, tuple]:
 
 def plan_resume(cfg: Config, run_dir: Path, num_model_ranks: int) -> ResumePlan:
     """The first model rank's decision (see the module docstring); a refusal is returned in ``error``."""
-    layout = data_layout(cfg, num_model_ranks)
-    accum = cfg.train.accumulation_steps
     try:
-        path = ckpt.resolve_resume(run_dir, cfg.train.resume)
+        choice = lineage.choose(run_dir, cfg.train.resume)
     except ckpt.CheckpointError as err:
         return ResumePlan(None, 0, 0, 0, 0, error=str(err))
+    plan = _plan_from(cfg, choice.path, num_model_ranks)
+    plan.lineage, plan.parent = choice.lineage, choice.parent
+    if choice.note and not plan.error:
+        log.warning("%s", choice.note)
+    return plan
+
+
+def _plan_from(cfg: Config, path: Path | None, num_model_ranks: int) -> ResumePlan:
+    layout = data_layout(cfg, num_model_ranks)
+    accum = cfg.train.accumulation_steps
     if path is None:
         return ResumePlan(None, 0, 0, cfg.train.total_steps * accum, 0, [{"start": 0, "layout": layout}])
     state = ckpt.read_trainer_state(path)
@@ -136,6 +147,8 @@ def agree_resume(cfg: Config, run_dir: Path, rt) -> ResumePlan:
     plan = ResumePlan.from_json(text)
     if plan.error:
         raise ResumeError(plan.error)
+    if rt.rank == main:
+        lineage.write_current(run_dir, plan.lineage, plan.parent)
     return plan
 
 

@@ -1,7 +1,9 @@
-"""Process-level set-up: ranks, device, process groups, and the stop request (:mod:`.stopping`).
+"""Process-level set-up: ranks, device, process groups, liveness, and the stop request (:mod:`.stopping`).
 
 Groups are created on every rank in the same order: the world group (NCCL on CUDA, gloo on CPU), a gloo
 group over all ranks for the loader -> model data path, and the group of model ranks that DDP reduces over.
+``topology.timeout_s`` bounds only the set-up; then every group waits for a live peer without a limit
+(:data:`UNBOUNDED`) and :mod:`.liveness` finds dead ones (the reasoning is in :mod:`.stopping`).
 """
 
 from __future__ import annotations
@@ -12,10 +14,15 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed.distributed_c10d import _get_default_store, _set_pg_timeout
 
 from ..config import Config
-from .stopping import StopRequest
+from ..model.policy import compile_enabled
+from .liveness import Liveness
+from .stopping import StopRequest, start_compile_workers
 from .topology import Topology, build_topology
+
+UNBOUNDED = timedelta(days=3650)  # "no limit" for a wait on a live peer (gloo and NCCL want a finite value)
 
 
 @dataclass
@@ -28,6 +35,7 @@ class Runtime:
     data_group: object = None  # gloo group over all ranks (None when single-process)
     model_group: object = None  # group of model ranks (None when single-process)
     stop: StopRequest = field(default_factory=StopRequest)
+    liveness: Liveness | None = None  # the heartbeat thread (None when single-process)
 
     @property
     def distributed(self) -> bool:
@@ -63,12 +71,20 @@ def init_runtime(cfg: Config) -> Runtime:
     topology = build_topology(cfg.topology, world, local_world)
     device = _pick_device(local_rank)
     rt = Runtime(rank, world, local_rank, device, topology)
+    if any(compile_enabled(c, device) for c in (cfg.train.compile, cfg.sample.compile, cfg.encoders.compile)):
+        start_compile_workers()  # before the stop handler: the workers ignore stop signals (mmdit.train.stopping)
     rt.stop.install()
     if world == 1:
         return rt
     backend = cfg.topology.backend if cfg.topology.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
-    timeout = timedelta(seconds=cfg.topology.timeout_s)
-    dist.init_process_group(backend, timeout=timeout, device_id=device if backend == "nccl" else None)
-    rt.data_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
-    rt.model_group = dist.new_group(list(topology.model_ranks), timeout=timeout)
+    join = timedelta(seconds=cfg.topology.timeout_s)
+    dist.init_process_group(backend, timeout=join, device_id=device if backend == "nccl" else None)
+    # gloo captures a work's timeout when the work is created: the groups get theirs before any real work
+    rt.data_group = dist.new_group(backend="gloo", timeout=UNBOUNDED) if backend != "gloo" else dist.group.WORLD
+    rt.model_group = dist.new_group(list(topology.model_ranks), timeout=UNBOUNDED)
+    dist.barrier()  # every rank is connected within the join timeout ...
+    _set_pg_timeout(UNBOUNDED, dist.group.WORLD)  # ... and from now on waits for live peers without a limit
+    roles = {r: "loader rank" if topology.is_loader(r) else "model rank" for r in range(world)}
+    rt.liveness = Liveness(_get_default_store(), rank, world, roles, cfg.topology.heartbeat_s,
+                           cfg.topology.dead_peer_s).start()
     return rt

@@ -8,6 +8,7 @@ resume from is decided once (:mod:`.resume`); how a job stops is :mod:`.stopping
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -24,9 +25,11 @@ from ..model import MMDiT
 from ..model.flops import device_peak_flops, hardware_flops_per_image, train_flops_per_image
 from ..model.policy import compile_blocks, compile_enabled
 from . import checkpoint as ckpt
+from . import hyperparams
 from . import sharded_checkpoint as sharded
-from .balance import BalanceMonitor, RankBalance, balance_metrics, gather_balance
+from .balance import BalanceMonitor, RankBalance, balance_metrics, gather_balance, mean_loss
 from .batches import build_schedule, local_source, make_producer, remote_source, run_loader
+from .faults import inject_delay
 from .metrics import LossByT, MetricsLogger
 from .optim import EMA, make_optimizer, make_scheduler
 from .parallel import ParallelModel, ShardedEMA
@@ -123,7 +126,11 @@ class Trainer:
     def _restore(self) -> None:
         if self.plan.path is not None:
             path = Path(self.plan.path)
+            configured = hyperparams.snapshot(self.optimizer)
             ts = self._load_states(path)
+            for change in hyperparams.apply(self.optimizer, self.scheduler, configured):
+                if self.rt.is_main:
+                    log.warning("resume: %s", change)
             check_loaded_step(self.plan, int(ts["step"]), self.rt.rank)
             self.step, self.skipped, self.corrupt = ts["step"], ts.get("skipped", 0), ts.get("corrupt", 0)
             self.wandb_id = ts.get("wandb_id")
@@ -195,6 +202,7 @@ class Trainer:
             "corrupt": self.corrupt,
             "wandb_id": self.wandb_id,
             "rng": rng,
+            "lineage": {"id": self.plan.lineage, "parent": self.plan.parent},
         }
         if self.fsdp:  # every model rank writes its shard
             sharded.save_sharded(
@@ -265,15 +273,22 @@ class Trainer:
         producer = make_producer(cfg, schedule, index, self.device)
         return local_source(producer, self.model_index, plan.start_micro, plan.stop_micro)
 
-    def _end_stream(self, source, micro: int) -> None:
-        """Tell the loader where the stream ends and drain it (steps 4-5 of :mod:`.stopping`)."""
+    def _end_stream(self, source, micro: int) -> str | None:
+        """Tell the loader where the stream ends and drain it (steps 5-6 of :mod:`.stopping`), after the final
+        save. A stream that broke (its loader died) is abandoned: the error is returned, not raised."""
         loader = self.rt.topology.loader_of(self.rt.rank)
-        work = send_end_request(loader, micro, self.rt.data_group) if loader is not None else None
-        dropped = source.close()
-        if work is not None:
-            work.wait()
+        try:
+            work = send_end_request(loader, micro, self.rt.data_group) if loader is not None else None
+            dropped = source.close()
+            if work is not None:
+                work.wait()
+        except RuntimeError as err:
+            log.error("rank %d: the data stream broke after the final checkpoint (step %d is complete): %s",
+                      self.rt.rank, self.step, err)
+            return str(err)
         if dropped:
             log.info("rank %d: dropped %d batches streamed past micro-step %d", self.rt.rank, dropped, micro)
+        return None
 
     def fit(self) -> dict:
         cfg, rt = self.cfg, self.rt
@@ -300,8 +315,9 @@ class Trainer:
         loss_by_t = LossByT(self.device)
         self.balance = BalanceMonitor(len(rt.topology.loader_ranks), rt.num_model_ranks,
                                       window_steps=cfg.train.balance_window, warmup_until=self.step + 10)
-        window = {"loss": torch.zeros((), device=self.device), "n": 0, "images": 0, "tokens": 0, "flops": 0.0,
-                  "hw_flops": 0.0, "wait": source.wait_s, "t": time.perf_counter(), "step": self.step}
+        self.pauses: dict[str, float] = {}  # non-training durations of the window, logged as time/<what>_s
+        self._new_window(source)
+        window = self.window
         sample_log = None
         if cfg.train.log_samples:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -312,7 +328,8 @@ class Trainer:
         while self.step < cfg.train.total_steps:
             flagged = False  # a batch of this step says its loader was asked to stop
             for k in range(accum):
-                batch = source.get(micro).to(self.device)
+                # after micro-step 0 the host runs ahead of queued device work: a wait hidden behind it is no wait
+                batch = source.get(micro, hidden=self._device_busy if k else None).to(self.device)
                 flagged |= batch.stop_requested
                 self.corrupt += batch.corrupt
                 if sample_log is not None:
@@ -336,37 +353,49 @@ class Trainer:
                 self.ema.update(self.model, cfg.train.ema_decay)
             if logger is not None:
                 logger.advance()
+            if self.step == self.plan.step + 1:  # compile, allocator and pipeline warm-up: timed, not windowed
+                self._end_warmup(source)
             if self.step % cfg.train.log_every == 0 or self.step == cfg.train.total_steps:
-                self._report(logger, window, grad_norm, loss_by_t, source, peak, batch.loader_busy)
+                self._report(logger, grad_norm, loss_by_t, source, peak, batch.loader_busy)
+            window = self.window
             if stopped or self.step == cfg.train.total_steps:
                 break
-            if self.step % cfg.train.save_every == 0:
-                self.save(micro)
-            if validator is not None and self.step % cfg.train.validate_every == 0:
-                logger.log_images(self.step, "validation", validator.run(self.ema.model, self.step,
-                                                                         self.run_dir / "validation", self.dtype))
-            self._evaluate(evaluator, logger)
-        self._end_stream(source, micro)
+            self._periodic_work(validator, evaluator, logger, micro, save=True)
+        if not stopped:  # the run's end: its last metrics before the final save, so nothing heavy follows it
+            self._periodic_work(validator, evaluator, logger, micro, save=False)
         if self.step > self.plan.step or self.plan.path is None:  # the final save: every model rank takes part
             t0 = time.perf_counter()
-            self.save(micro)
+            with self._timed("save"):
+                self.save(micro)  # first: a loader that dies during the stop cannot cost the checkpoint
             if stopped:
                 log.warning("stop requested: checkpoint of step %d written in %.1fs, exiting", self.step,
                             time.perf_counter() - t0)
-        if not stopped:  # no optional work on the stop step: the grace period is for the checkpoint
-            if validator is not None and self.step % cfg.train.validate_every == 0:
-                logger.log_images(self.step, "validation", validator.run(self.ema.model, self.step,
-                                                                         self.run_dir / "validation", self.dtype))
-            self._evaluate(evaluator, logger)
+        stream_error = self._end_stream(source, micro)
         if logger is not None:
             logger.close()
         if sample_log is not None:
             sample_log.close()
         summary = {"rank": rt.rank, "step": self.step, "micro": micro, "samples_seen": self.samples_seen,
                    "skipped": self.skipped, "corrupt": self.corrupt, "stopped": stopped,
-                   "data_wait_s": source.wait_s, "weights_sha256": weights_digest(self.model)}
+                   "data_wait_s": source.wait_s, "stream_error": stream_error}
+        if cfg.train.weights_digest:  # a gather of every weight under FSDP: only when asked (tests)
+            summary["weights_sha256"] = weights_digest(self.model)
         (self.run_dir / f"summary_rank{rt.rank}.json").write_text(json.dumps(summary, indent=1))
         return summary
+
+    def _periodic_work(self, validator, evaluator, logger: MetricsLogger | None, micro: int, save: bool) -> None:
+        """What is due at this step besides training: the periodic save, validation images, held-out metrics.
+        Each is timed and logged as its own duration (``time/<what>_s``), outside the metric window."""
+        cfg = self.cfg
+        if save and self.step % cfg.train.save_every == 0:
+            with self._timed("save"):
+                self.save(micro)
+        if validator is not None and self.step % cfg.train.validate_every == 0:
+            with self._timed("validation"):
+                images = validator.run(self.ema.model, self.step, self.run_dir / "validation", self.dtype)
+            logger.log_images(self.step, "validation", images)
+        with self._timed("eval"):
+            self._evaluate(evaluator, logger)
 
     def _evaluate(self, evaluator, logger: MetricsLogger | None) -> None:
         """Held-out metrics when due (every model rank takes part: the work is split and gathered)."""
@@ -386,38 +415,70 @@ class Trainer:
             values["eval/seconds"] = time.perf_counter() - t0  # what this evaluation cost the run
             logger.log(self.step, values)
 
-    def _report(self, logger: MetricsLogger | None, window: dict, grad_norm: torch.Tensor, loss_by_t: LossByT, source,
+    @contextlib.contextmanager
+    def _timed(self, what: str):
+        """Time work that is not training (a save, validation, an eval): logged as ``time/<what>_s`` and left
+        out of the metric window, so images/s and MFU measure training alone."""
+        t0 = time.perf_counter()
+        inject_delay(what)
+        yield
+        seconds = time.perf_counter() - t0
+        self.window["paused_s"] += seconds
+        self.pauses[f"time/{what}_s"] = self.pauses.get(f"time/{what}_s", 0.0) + seconds
+
+    def _device_busy(self) -> bool:
+        """Whether the device still has queued work (a non-blocking query; always False on the CPU)."""
+        return self.device.type == "cuda" and not torch.cuda.current_stream(self.device).query()
+
+    def _end_warmup(self, source) -> None:
+        """The job's first step (compile, first batches) is logged as ``time/first_step_s``; the window of
+        throughput figures starts after it, the losses are kept."""
+        loss, n = self.window["loss"], self.window["n"]
+        self.pauses["time/first_step_s"] = time.perf_counter() - self.window["t"] - self.window["paused_s"]
+        self._new_window(source)
+        self.window.update(loss=loss, n=n)
+
+    def _new_window(self, source) -> None:
+        self.window = {"loss": torch.zeros((), device=self.device), "n": 0, "images": 0, "tokens": 0,
+                       "flops": 0.0, "hw_flops": 0.0, "wait": source.wait_s, "t": time.perf_counter(),
+                       "step": self.step, "paused_s": 0.0}
+
+    def _report(self, logger: MetricsLogger | None, grad_norm: torch.Tensor, loss_by_t: LossByT, source,
                 peak: float, loader_busy: float) -> None:
-        """Every model rank: the balance figures of the interval; the first one also logs everything."""
+        """Every model rank: the balance figures and losses of the window (one small all-gather, the log's
+        one host read); the first model rank logs them."""
+        window = self.window
         now = time.perf_counter()
-        elapsed = now - window["t"]
+        elapsed = max(1e-9, now - window["t"] - window["paused_s"])  # training time only
         mine = RankBalance(self.rt.rank, source.wait_s - window["wait"], elapsed,
-                           self.rt.topology.loader_of(self.rt.rank), loader_busy)
+                           self.rt.topology.loader_of(self.rt.rank), loader_busy, float(window["loss"]), window["n"])
         ranks = gather_balance(mine, self.rt.model_group if self.rt.distributed else None, self.rt.num_model_ranks)
         steps = self.step - window["step"]
-        if logger is None:
-            window.update(wait=source.wait_s, t=now, step=self.step)
-            return
-        warning = self.balance.update(self.step, steps, ranks)
-        if warning:
-            log.warning("%s", warning)
-        values = {
-            "loss": float(window["loss"]) / max(1, window["n"]),  # the one host read of the losses
-            "lr": self.scheduler.get_last_lr()[0],
-            "grad_norm": float(grad_norm),
-            "images_per_s": window["images"] * self.rt.num_model_ranks / elapsed,
-            "tokens_per_s": window["tokens"] * self.rt.num_model_ranks / elapsed,
-            "data_wait_frac": max(r.wait_s / max(1e-9, r.elapsed_s) for r in ranks),  # the most-waiting rank
-            **balance_metrics(ranks),
-            "skipped_steps": self.skipped,
-            "corrupt_images": self.corrupt,
-            **loss_by_t.report(),
-        }
-        if peak:
-            values["mfu"] = window["flops"] / elapsed / peak
-            values["hfu"] = window["hw_flops"] / elapsed / peak  # with the recompute of checkpointed blocks
-        if self.device.type == "cuda":
-            values["max_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        logger.log(self.step, values)
-        window.update(loss=torch.zeros((), device=self.device), n=0, images=0, tokens=0, flops=0.0, hw_flops=0.0,
-                      wait=source.wait_s, t=now, step=self.step)
+        if logger is not None:
+            warning = self.balance.update(self.step, steps, ranks)
+            if warning:
+                log.warning("%s", warning)
+            values = {
+                "loss": mean_loss(ranks),  # every model rank's micro-steps
+                "lr": self.scheduler.get_last_lr()[0],
+                "grad_norm": float(grad_norm),
+                "skipped_steps": self.skipped,
+                "corrupt_images": self.corrupt,
+                **loss_by_t.report(),
+                **self.pauses,
+            }
+            if window["images"]:  # throughput of the training time in the window (none right after warm-up)
+                values.update({
+                    "images_per_s": window["images"] * self.rt.num_model_ranks / elapsed,
+                    "tokens_per_s": window["tokens"] * self.rt.num_model_ranks / elapsed,
+                    "data_wait_frac": max(r.wait_s / max(1e-9, r.elapsed_s) for r in ranks),  # most-waiting rank
+                    **balance_metrics(ranks),
+                })
+            if peak and window["images"]:
+                values["mfu"] = window["flops"] / elapsed / peak
+                values["hfu"] = window["hw_flops"] / elapsed / peak  # with the recompute of checkpointed blocks
+            if self.device.type == "cuda":
+                values["max_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+            logger.log(self.step, values)
+        self.pauses = {}
+        self._new_window(source)
