@@ -1,7 +1,8 @@
 """Process-level set-up: ranks, device, process groups, liveness, and the stop request (:mod:`.stopping`).
 
-Groups are created on every rank in the same order: the world group (NCCL on CUDA, gloo on CPU), a gloo
-group over all ranks for the loader -> model data path, and the group of model ranks that DDP reduces over.
+Groups are created on every rank in the same order: the world group (NCCL on CUDA, gloo on CPU; used only
+for the set-up barrier), a gloo group over all ranks for the loader -> model data path and the stop
+protocol, and the group of model ranks that DDP reduces over.
 ``topology.timeout_s`` bounds only the set-up; then every group waits for a live peer without a limit
 (:data:`UNBOUNDED`) and :mod:`.liveness` finds dead ones (the reasoning is in :mod:`.stopping`).
 """
@@ -14,7 +15,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from torch.distributed.distributed_c10d import _get_default_store, _set_pg_timeout
+from torch.distributed.distributed_c10d import _get_default_store
 
 from ..config import Config
 from ..model.policy import compile_enabled
@@ -79,11 +80,12 @@ def init_runtime(cfg: Config) -> Runtime:
     backend = cfg.topology.backend if cfg.topology.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
     join = timedelta(seconds=cfg.topology.timeout_s)
     dist.init_process_group(backend, timeout=join, device_id=device if backend == "nccl" else None)
-    # gloo captures a work's timeout when the work is created: the groups get theirs before any real work
-    rt.data_group = dist.new_group(backend="gloo", timeout=UNBOUNDED) if backend != "gloo" else dist.group.WORLD
+    # gloo's sends and receives wait as long as the timeout their group's context was built with (setting it
+    # later does not reach them), so the groups that do the work are built unbounded; the world group, with
+    # the join timeout, serves only the set-up barrier
+    rt.data_group = dist.new_group(backend="gloo", timeout=UNBOUNDED)
     rt.model_group = dist.new_group(list(topology.model_ranks), timeout=UNBOUNDED)
-    dist.barrier()  # every rank is connected within the join timeout ...
-    _set_pg_timeout(UNBOUNDED, dist.group.WORLD)  # ... and from now on waits for live peers without a limit
+    dist.barrier()  # every rank is connected within the join timeout
     roles = {r: "loader rank" if topology.is_loader(r) else "model rank" for r in range(world)}
     rt.liveness = Liveness(_get_default_store(), rank, world, roles, cfg.topology.heartbeat_s,
                            cfg.topology.dead_peer_s).start()

@@ -394,23 +394,25 @@ class Trainer:
             with self._timed("validation"):
                 images = validator.run(self.ema.model, self.step, self.run_dir / "validation", self.dtype)
             logger.log_images(self.step, "validation", images)
-        with self._timed("eval"):
-            self._evaluate(evaluator, logger)
+        self._evaluate(evaluator, logger)
 
     def _evaluate(self, evaluator, logger: MetricsLogger | None) -> None:
         """Held-out metrics when due (every model rank takes part: the work is split and gathered)."""
         ev = self.cfg.eval
-        if evaluator is None:
+        loss_due = bool(ev.loss_every and self.step % ev.loss_every == 0)
+        images_due = bool(ev.images_every and self.step % ev.images_every == 0)
+        if evaluator is None or not (loss_due or images_due):
             return
         t0 = time.perf_counter()
         values = {}
-        if ev.loss_every and self.step % ev.loss_every == 0:
-            weights = {"ema": self.ema.model, "model": self.model}
-            values.update(evaluator.validation_losses({k: weights[k] for k in ev.loss_weights}, self.step))
-        if ev.images_every and self.step % ev.images_every == 0:
-            values.update(evaluator.image_metrics(self.ema.model, self.step, self.run_dir / "eval"))
-            if logger is not None and evaluator.last_grid is not None:
-                logger.log_images(self.step, "eval/grid", [evaluator.last_grid])
+        with self._timed("eval"):
+            if loss_due:
+                weights = {"ema": self.ema.model, "model": self.model}
+                values.update(evaluator.validation_losses({k: weights[k] for k in ev.loss_weights}, self.step))
+            if images_due:
+                values.update(evaluator.image_metrics(self.ema.model, self.step, self.run_dir / "eval"))
+                if logger is not None and evaluator.last_grid is not None:
+                    logger.log_images(self.step, "eval/grid", [evaluator.last_grid])
         if values and logger is not None:
             values["eval/seconds"] = time.perf_counter() - t0  # what this evaluation cost the run
             logger.log(self.step, values)
