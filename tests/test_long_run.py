@@ -171,9 +171,10 @@ def test_resume_takes_lr_and_weight_decay_from_the_config(soak, tiny_models, dem
 
 
 def test_usr1_to_every_process_spares_the_compile_workers(tiny_models, demo_data, tmp_path):
+    """The signal comes once the workers exist, before the first step's compile needs them."""
     args = overrides("tiny", tiny_models, demo_data, tmp_path, 1, **{**TIMEOUTS, "train.total_steps": 200,
                      "train.compile": True, "train.save_every": 1000, "train.log_samples": True})
-    job = Job("tiny", [*args, "topology.loader_to_model={0: [1]}"], tmp_path / "usr1.log", nproc=2)
+    job = Job("tiny", [*args, "topology.loader_to_model={0: [1]}"], tmp_path / "usr1.log", nproc=2, ignore_usr1=True)
     deadline = time.monotonic() + 120
     helpers: list[int] = []
     while not helpers:  # the model rank starts its compile workers before training
@@ -181,7 +182,6 @@ def test_usr1_to_every_process_spares_the_compile_workers(tiny_models, demo_data
         time.sleep(0.2)
         workers = job.workers()
         helpers = [p for w in workers.values() for p in descendants(w) if "compile_worker" in cmdline(p)]
-    wait_for_micro(job, tmp_path / "run", 1, timeout=300)  # compiled and training
     workers = job.workers()
     others = [p for w in workers.values() for p in descendants(w)
               if cmdline(p) and "compile_worker" not in cmdline(p)]  # the pool's forks share its command line
@@ -194,7 +194,30 @@ def test_usr1_to_every_process_spares_the_compile_workers(tiny_models, demo_data
             pass
     time.sleep(1)
     assert all(Path(f"/proc/{p}").exists() for p in helpers), "a compile worker died of USR1"
-    rc, out = job.wait(300)
+    rc, out = job.wait(600)  # the first step compiles, with those workers, then the stop is agreed
     assert "[rank 1] exiting with code 0" in out and "[rank 0] exiting with code 0" in out, out[-5000:]
     stopped = int(re.search(r"checkpoint of step (\d+) written", out).group(1))
     assert is_complete(step_dir(tmp_path / "run", stopped)) and stopped < 200
+
+
+def test_a_frozen_loader_is_found_by_its_heartbeat_and_named(tiny_models, demo_data, tmp_path):
+    """SIGSTOP freezes the loader with its sockets open (a hung host): nothing fails by itself, so only the
+    heartbeat can tell. Its model ranks must name it and end within topology.dead_peer_s."""
+    args = overrides("tiny", tiny_models, demo_data, tmp_path, 1, **{**TIMEOUTS, "train.total_steps": 10_000,
+                     "train.save_every": 1000, "train.log_samples": True})
+    job = Job("tiny", [*args, LOADER], tmp_path / "frozen.log")
+    wait_for_micro(job, tmp_path / "run", 2)
+    loader = job.workers()[0]
+    os.kill(loader, signal.SIGSTOP)
+    t0 = time.monotonic()
+    try:
+        while "has sent no heartbeat" not in job.log.read_text():
+            assert time.monotonic() - t0 < 60, job.log.read_text()[-4000:]
+            time.sleep(0.2)
+        found = time.monotonic() - t0
+    finally:
+        os.kill(loader, signal.SIGKILL)  # torchrun's SIGTERM cannot reach a stopped process
+    rc, out = job.wait()
+    assert rc != 0
+    assert re.search(r"rank [12]: loader rank 0 has sent no heartbeat for \d+ s", out), out[-4000:]
+    assert found < 30, found  # dead_peer_s (4 s) plus a beat: far below the 60 s loop bound, even on a busy host

@@ -64,15 +64,18 @@ def overrides(preset: str, tiny_models: dict, data: dict, save_dir: Path, accum:
 class Job:
     """One torchrun job in a session of its own, its output in a file."""
 
-    def __init__(self, preset: str, args: list[str], log: Path, nproc: int = 3, run_dir: Path | None = None):
+    def __init__(self, preset: str, args: list[str], log: Path, nproc: int = 3, run_dir: Path | None = None,
+                 ignore_usr1: bool = False):
         self.log = log
         self.earlier_lines = len(micro_log(run_dir, 1)) if run_dir is not None else 0
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
                str(TRAIN), "--config", preset, *args]
         with open(log, "w") as out:
+            # ignore_usr1: as runjob_SLURM.sh starts torchrun (an ignored signal stays ignored across exec)
+            ignore = (lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN)) if ignore_usr1 else None
             self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+                                         start_new_session=True, preexec_fn=ignore)
 
     def workers(self) -> dict[int, int]:
         """Global rank -> pid of torchrun's worker processes."""

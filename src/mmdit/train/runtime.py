@@ -72,7 +72,8 @@ def init_runtime(cfg: Config) -> Runtime:
     topology = build_topology(cfg.topology, world, local_world)
     device = _pick_device(local_rank)
     rt = Runtime(rank, world, local_rank, device, topology)
-    if any(compile_enabled(c, device) for c in (cfg.train.compile, cfg.sample.compile, cfg.encoders.compile)):
+    compiles = (cfg.encoders.compile,) if topology.is_loader(rank) else (cfg.train.compile, cfg.sample.compile)
+    if any(compile_enabled(c, device) for c in compiles):
         start_compile_workers()  # before the stop handler: the workers ignore stop signals (mmdit.train.stopping)
     rt.stop.install()
     if world == 1:
