@@ -57,9 +57,19 @@ class ModelConfig:
     checkpoint: str = "none"
     checkpoint_attn: bool = False
     checkpoint_mlp: bool = False
+    # token routing in training (TREAD, mmdit.model.routing): this share of the image tokens skips the blocks
+    # [route_start, route_end) (slice bounds, negative from the end); 0 = off. Off at inference always
+    route: float = 0.0
+    route_start: int = 2
+    route_end: int = -2
 
     def __post_init__(self) -> None:
         _positive("model.depth", self.depth)
+        if not 0.0 <= self.route < 1.0:
+            raise ConfigError(f"model.route={self.route} must be in [0, 1): the share of image tokens that skip")
+        if self.route and not range(self.depth)[self.route_start:self.route_end]:
+            raise ConfigError(f"model.route_start={self.route_start}, model.route_end={self.route_end} select no "
+                              f"block of depth {self.depth}; e.g. model.route_start=1 model.route_end=-1")
         policy = self.checkpoint
         if policy.startswith("every_k:"):
             k = policy.partition(":")[2]

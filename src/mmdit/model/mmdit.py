@@ -17,6 +17,7 @@ from .blocks import JointBlock, modulate
 from .embedders import ConditionEmbedder, patchify, unpatchify
 from .policy import block_checkpoints
 from .positions import rope_angles_1d, rope_angles_2d, rope_rotors, sincos_2d
+from .routing import gather_angles, gather_tokens, rejoin, route_span
 
 ROPE_ANGLES = {"RoPE2d": rope_angles_2d, "RoPE": rope_angles_1d}
 
@@ -104,7 +105,9 @@ class MMDiT(nn.Module, PyTorchModelHubMixin, library_name="mmdit", tags=["text-t
         return None if fn is None else _cached_rotors(fn, grid_h, grid_w, self.cfg.head_dim, self.position_scale,
                                                       device)
 
-    def forward(self, x: Tensor, t: Tensor, cond: TextCondition) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, cond: TextCondition, route: Tensor | None = None) -> Tensor:
+        """``route``: indices [B, K] of the image tokens that go through the routed span alone (training with
+        ``model.route``, :mod:`.routing`); None runs every token through every block."""
         b, c, h, w = x.shape
         p = self.cfg.patch_size
         if h % p or w % p:
@@ -124,8 +127,15 @@ class MMDiT(nn.Module, PyTorchModelHubMixin, library_name="mmdit", tags=["text-t
         # compiled code gets real angles (cos / sin, fused by the compiler): complex rotors do not compile
         traced = torch.compiler.is_compiling() or self.blocks_compiled
         rope = (self.rope_angles if traced else self.rope_rotors)(grid_h, grid_w, x.device)
-        for block in self.blocks:
+        span = route_span(self.cfg) if route is not None else range(0)
+        for i, block in enumerate(self.blocks):
+            if i == span.start and span:  # the routed tokens go on alone, with their positions and their mask
+                full, full_rope, full_plan = img, rope, (attend, mask)
+                img, rope = gather_tokens(img, route), gather_angles(rope, route)
+                attend, mask = plan_attention(self.cfg.attention, key_mask[:, : txt.shape[1] + route.shape[1]])
             img, txt = block(img, txt, y, mask, rope, attend)
+            if span and i == span.stop - 1:  # the others rejoin where they were
+                img, rope, (attend, mask) = rejoin(full, img, route), full_rope, full_plan
         return unpatchify(self.final(img, y), p, c, h, w)
 
 

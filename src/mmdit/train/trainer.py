@@ -9,6 +9,7 @@ resume from is decided once (:mod:`.resume`); how a job stops is :mod:`.stopping
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -24,6 +25,7 @@ from ..flow import cfg_dropout_keep, encoder_drop_probs, flow_loss, sample_times
 from ..model import MMDiT
 from ..model.flops import device_peak_flops, hardware_flops_per_image, train_flops_per_image
 from ..model.policy import compile_blocks, compile_enabled
+from ..model.routing import route_generator, route_indices
 from . import checkpoint as ckpt
 from . import hyperparams
 from . import sharded_checkpoint as sharded
@@ -235,6 +237,9 @@ class Trainer:
                                 encoder_drop_probs(self.cfg.encoders.text) or None, generator=g, device=self.device)
         cond = batch.cond.keep(keep)
         net = self.parallel.net
+        if self.cfg.model.route:  # TREAD: this micro-step's routed tokens, the same on every model rank
+            g_route = route_generator(self.cfg.train.seed, micro, self.device)
+            net = functools.partial(net, route=route_indices(n, tokens, self.cfg.model.route, g_route))
         with self.parallel.grad_sync(sync):
             with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
                 loss, per_sample = flow_loss(net, x0, cond, t, eps, weighting=self.cfg.flow.loss_weighting)
