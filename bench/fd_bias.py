@@ -79,6 +79,8 @@ def main() -> None:
             t = time.perf_counter()
             feats = features(dino, images)
             rows.append((f"FD, {name}", bias_table(feats, fd)))
+            scale = float(FeatureStats.of(feats).cov.trace())
+            print(f"{name}: scale tr(S) = {scale:.4g} (FD of a set against a point at its mean)", flush=True)
             print(f"{name}: features in {time.perf_counter() - t:.1f}s", flush=True)
         clip = ClipFeatures(build_tiny_clip(Path(tmp) / "clip"), "cpu")
         rows.append(("CMMD, tiny CLIP (16-d)", bias_table(features(clip.images, images), cmmd)))
