@@ -49,7 +49,7 @@ from captions import padded_condition  # noqa: E402
 from mmdit.conditioning import TextCondition  # noqa: E402
 from mmdit.config import ModelConfig  # noqa: E402
 from mmdit.model import MMDiT  # noqa: E402
-from mmdit.model.flops import PEAK_BF16_FLOPS, hardware_flops_per_image, train_flops_per_image  # noqa: E402
+from mmdit.model.flops import hardware_flops_per_image, peak_flops_for, train_flops_per_image  # noqa: E402
 from mmdit.model.policy import compile_blocks  # noqa: E402
 
 # (name, compiled, checkpoint, attention, padded): the default configuration first
@@ -229,7 +229,7 @@ def main(argv=None) -> None:
     shapes = {"qkv": (tokens * batch, cfg.dim, 3 * cfg.dim), "mlp_up": (tokens * batch, cfg.dim, 8 * cfg.dim),
               "mlp_down": (tokens * batch, 4 * cfg.dim, cfg.dim)}
     mm = {k: matmul_peak(*s, device, dtype, reps=3 if args.tiny else 20) for k, s in shapes.items()}
-    spec = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), 0.0) if cuda else 0.0
+    spec = peak_flops_for(name) if cuda else 0.0
     peak = spec or max(mm.values())
     results.update(batch=batch, text_lengths_trimmed=inputs.text_lengths, text_real_fraction=inputs.real_fraction,
                    matmul_flops={k: v / 1e12 for k, v in mm.items()}, peak_tflops=peak / 1e12,

@@ -51,7 +51,7 @@ from captions import caption_lengths  # noqa: E402
 
 from mmdit.config import ModelConfig, TextEncoderConfig  # noqa: E402
 from mmdit.encoders.text import LoadedTextEncoder, choose_attention, prepare_text_encoder  # noqa: E402
-from mmdit.model.flops import PEAK_BF16_FLOPS, train_flops_per_image  # noqa: E402
+from mmdit.model.flops import peak_flops_for, train_flops_per_image  # noqa: E402
 
 # preset -> (image side, one model rank's batch at the largest bucket)
 PRESETS = {"sd3_256": (256, 140), "sd3_512": (512, 40)}
@@ -254,7 +254,7 @@ def model_rank_rates(args, device: torch.device, text_tokens: dict[str, list[int
         rate, source = measured * flops["sd3_256"], f"sd3_256 step measured by gpu_suite ({args.model_json})"
     elif device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), 989e12)
+        peak = peak_flops_for(name) or 989e12
         rate, source = GPU_MFU * peak, f"{GPU_MFU:.0%} MFU of {peak / 1e12:.0f} TFLOP/s (no measured step given)"
     else:
         rate = cpu_model_flops(args, text_tokens["sd3_256"])

@@ -38,11 +38,13 @@ def test_evaluate_writes_json_csv_and_plot(run_dir, capsys):
     assert [(r["step"], r["weights"]) for r in rows] == [(10, "ema"), (10, "model"), (20, "ema"), (20, "model")]
     for r in rows:
         assert r["val/loss"] > 0 and r["eval/fd_dinov2"] > 0 and 0 <= r["eval/clip_score"] <= 100
+        assert r["eval/fd_num_images"] == 8 and r["eval/cmmd"] > 0  # N beside every FD; CMMD beside it
     assert rows[0]["val/loss"] == rows[1]["val/loss"] != rows[2]["val/loss"]  # ema == model weights here
     with open(run / "eval" / "metrics.csv") as f:
         table = list(csv.DictReader(f))
     assert len(table) == 4 and float(table[2]["val/loss"]) == rows[2]["val/loss"]
-    assert list((Path(demo["phase"]) / "eval_stats").glob("*.safetensors"))  # real statistics cached beside it
+    cached = sorted(p.name.split("_")[0] for p in (Path(demo["phase"]) / "eval_stats").glob("*.safetensors"))
+    assert cached == ["cmmd", "fd"]  # real statistics / embeddings cached beside it
     main(["evaluate", "--plot", str(run)])
     png = run / "eval" / "metrics.png"
     assert png.is_file() and png.stat().st_size > 1000

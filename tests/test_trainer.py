@@ -162,7 +162,7 @@ def test_training_loop_logs_held_out_metrics(tiny_models, demo_data, tmp_path):
         f"eval.parquet_folder={demo_data['phase']}", f"eval.index={demo_data['index']}", "eval.loss_every=2",
         "eval.images_every=4", "eval.loss_samples=8", "eval.num_images=4", "eval.num_timesteps=2",
         "eval.batch_size=4", f"eval.dino={extractors['dino']}", f"eval.clip={extractors['clip']}",
-        "sample.num_steps=2",
+        "sample.num_steps=2", "train.peak_flops=1e12",
     ])
     rows = [json.loads(line) for line in (tmp_path / "tiny_latent" / "metrics.jsonl").read_text().splitlines()]
     evals = {r["step"]: r for r in rows if any(k.startswith("val/") for k in r)}
@@ -171,3 +171,6 @@ def test_training_loop_logs_held_out_metrics(tiny_models, demo_data, tmp_path):
     assert evals[2]["val/ema/loss"] != evals[4]["val/ema/loss"]  # the weights trained in between
     assert "eval/fd_dinov2" in evals[4] and "eval/clip_score" in evals[4] and "eval/fd_dinov2" not in evals[2]
     assert all(evals[s]["eval/seconds"] > 0 for s in (2, 4))  # what each evaluation cost, logged with it
+    assert [evals[s]["images_seen"] for s in (2, 4)] == [8, 16]  # for the time to a target
+    assert evals[4]["eval/fd_num_images"] == 4 and evals[4]["eval/cmmd"] >= 0
+    assert all(0 < r["mfu"] <= r["hfu"] for r in rows if "loss" in r)

@@ -5,7 +5,8 @@
   precompute   --config PRESET --output_dir DIR  encode the bucketed shards once into a cache (data.source=cache)
   score        ...                               score generated shape images (colour, shape, position)
   demo         [--quick]                         the CPU demo end to end
-  evaluate     --checkpoint DIR --eval_set DIR   validation loss, FD-DINOv2, CLIP score to CSV/JSON; --plot RUN
+  evaluate     --checkpoint DIR --eval_set DIR   validation loss, FD_DINOv2, CMMD, CLIP score to CSV/JSON; --plot RUN;
+                                                 --time_to_target RUN --target V (MLPerf-style)
   memory       --config PRESET --gpus N [N ...]  memory per GPU under DDP and FSDP, with/without checkpointing
   export       --checkpoint STEP --output DIR [--ema] | --checkpoint STEP --consolidate
                                                  a Hub-style folder (MMDiT.from_pretrained), or full safetensors

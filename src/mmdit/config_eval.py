@@ -6,12 +6,12 @@ from dataclasses import dataclass, field
 
 from .config_checks import _choice, _positive
 
-IMAGE_METRICS = ("fd_dinov2", "clip_score", "shapes")
+IMAGE_METRICS = ("fd_dinov2", "cmmd", "clip_score", "shapes")
 
 
 @dataclass
 class EvalConfig:
-    """Held-out evaluation (mmdit.eval): validation loss at fixed timesteps, FD-DINOv2 and CLIP score.
+    """Held-out evaluation (mmdit.eval): validation loss at fixed timesteps, FD_DINOv2, CMMD and CLIP score.
 
     The eval set is a parquet folder of its own (never trained on) with a bucket index, both written by the
     data tools; ``index`` "" means ``<parquet_folder>/bucket_indices.npz``.
@@ -30,12 +30,16 @@ class EvalConfig:
     # weights the in-loop loss is computed for: ema, model (raw) or both
     loss_weights: list[str] = field(default_factory=lambda: ["ema", "model"])
     batch_size: int = 16
-    # generated images (prompts = the first eval rows' first caption column, seeds = seed + row)
-    num_images: int = 256
-    # what is computed on them: fd_dinov2, clip_score, and shapes (mmdit.score's colour / shape / position /
+    # generated images (prompts = the first eval rows' first caption column, seeds = seed + row); FD needs more
+    # images than feature dimensions (1024 for dinov2-large) for a full-rank covariance, and its bias shrinks
+    # with N (BENCHMARKS.md): compare FD only at equal N
+    num_images: int = 2048
+    # what is computed on them: fd_dinov2 (dgm-eval's FD_DINOv2), cmmd (Jayasumana et al., on eval.clip's image
+    # embeddings), clip_score (torchmetrics' CLIPScore), and shapes (mmdit.score's colour / shape / position /
     # size / background accuracy against the caption: the CPU demo's own scorer, for shapes eval sets)
-    image_metrics: list[str] = field(default_factory=lambda: ["fd_dinov2", "clip_score"])
-    dino: str = "facebook/dinov2-base"
+    image_metrics: list[str] = field(default_factory=lambda: ["fd_dinov2", "cmmd", "clip_score"])
+    # FD_DINOv2's extractor: dgm-eval's ViT-L/14 (Stein et al. 2023)
+    dino: str = "facebook/dinov2-large"
     clip: str = "openai/clip-vit-large-patch14"
     # images shown in the grid written to the run folder / wandb
     grid_images: int = 8

@@ -268,6 +268,9 @@ def main(argv: list[str] | None = None) -> None:
     (images_dir / "demo_scores.json").write_text(json.dumps({"final": scores, "in_loop": curve}, indent=2) + "\n")
     print(f"    {time.perf_counter() - t:.1f}s")
     print_table(scores, curve)
+    from .eval.time_to_target import describe_time_to_target  # MLPerf-style: first eval with val loss <= target
+
+    print("  " + describe_time_to_target(run_dir, 0.05))
     seconds = time.perf_counter() - t_start
     table = markdown_tables(scores, curve, recipe, seconds)
     (images_dir / "demo_tables.md").write_text(table)

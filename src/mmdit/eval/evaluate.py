@@ -3,6 +3,7 @@
     python -m mmdit evaluate --checkpoint models/run/step_00010000 --eval_set data/eval_256
     python -m mmdit evaluate --checkpoint models/run --all_steps --eval_set data/eval_256   # every step
     python -m mmdit evaluate --plot models/run                                            # metrics.png
+    python -m mmdit evaluate --time_to_target models/run --target 0.05       # MLPerf-style time to a target
 
 Results go to ``<run>/eval/step_<N>_<weights>.json`` and one row per (step, weights) in
 ``<run>/eval/metrics.csv`` (and ``metrics.jsonl``), so steps and runs can be compared after the fact.
@@ -106,6 +107,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--weights", default="ema", choices=["ema", "model", "both"])
     parser.add_argument("--no_images", action="store_true", help="validation loss only (no sampling, no FD/CLIP)")
     parser.add_argument("--plot", metavar="RUN_DIR", help="draw <RUN_DIR>'s metrics against steps to a PNG")
+    parser.add_argument("--time_to_target", metavar="RUN_DIR", help="report the first step, images seen and "
+                        "wall-clock at which <RUN_DIR>'s in-loop --target_key reached --target (MLPerf rule)")
+    parser.add_argument("--target", type=float, help="the target value for --time_to_target")
+    parser.add_argument("--target_key", default="val/ema/loss", help="the logged metric (default val/ema/loss)")
     parser.add_argument("--out", help="output folder (default <run>/eval) or, with --plot, the PNG path")
     parser.add_argument("--device", default=None)
     for key, kind in (("index", str), ("loss_samples", int), ("num_images", int), ("num_timesteps", int),
@@ -119,8 +124,18 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         print(plot_run(Path(args.plot), Path(args.out) if args.out else None))
         return 0
+    if args.time_to_target:
+        from .time_to_target import describe_time_to_target, read_records, time_to_target
+
+        if args.target is None:
+            parser.error("--time_to_target needs --target VALUE (e.g. --target 0.05 for val/ema/loss)")
+        found = time_to_target(read_records(Path(args.time_to_target)), args.target, args.target_key)
+        print(describe_time_to_target(Path(args.time_to_target), args.target, args.target_key))
+        print(json.dumps(found.as_dict() if found else {"key": args.target_key, "target": args.target,
+                                                        "reached": False}))
+        return 0
     if not args.checkpoint or not args.eval_set:
-        parser.error("give --checkpoint and --eval_set (or --plot RUN_DIR)")
+        parser.error("give --checkpoint and --eval_set (or --plot RUN_DIR, or --time_to_target RUN_DIR)")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     weights = ["ema", "model"] if args.weights == "both" else [args.weights]
     dirs = step_dirs(Path(args.checkpoint), args.all_steps)

@@ -11,6 +11,7 @@ the same numbers. The eval set is read and encoded once, here; each rank encodes
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -26,7 +27,7 @@ from ..flow import timestep_grid
 from ..image_files import image_grid
 from ..sampling import sample_noise, sample_with_config, sampling_shift
 from .eval_set import Chunk, EvalSet, gather_by_chunk, mine
-from .metrics import FeatureStats, clip_score, frechet_distance
+from .metrics import FeatureStats, clip_score, cmmd, frechet_distance, rank_warning
 from .validation_loss import EncodedChunk, chunk_losses, summarize
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,8 @@ class Evaluator:
         del encoders
         self._dino = self._clip = None
         self.real_stats: Optional[FeatureStats] = None
+        self.real_clip: Optional[torch.Tensor] = None  # the eval set's CLIP image embeddings (CMMD)
+        self._warned = False  # the FD rank warning, once per evaluator
         self.last_grid = None
         log.info("eval set %s: %d loss / %d image chunks on model index %d, encoded in %.1fs",
                  self.eval_set.path, len(self.loss_chunks), len(self.image_chunks), model_index,
@@ -124,38 +127,62 @@ class Evaluator:
                                 shift=sampling_shift(self.cfg, chunk.height, chunk.width))
         return to_uint8(self.codec.decode(x0))
 
-    def _stats_path(self) -> Path:
+    def _real_path(self, kind: str, recipe: dict[str, str]) -> tuple[Path, dict[str, str]]:
         ids = np.concatenate([c.ids for c in self.eval_set.chunks(self.cfg.eval.num_images)])
-        digest = hashlib.sha256(ids.tobytes() + self.eval_set.path.read_bytes()[:1 << 20]).hexdigest()[:12]
-        name = self.cfg.eval.dino.strip("/").replace("/", "--")[-60:]
-        return Path(self.cfg.eval.parquet_folder) / "eval_stats" / f"{name}_{len(ids)}_{digest}.safetensors"
+        return real_cache_file(Path(self.cfg.eval.parquet_folder), kind, recipe, ids,
+                               self.eval_set.path.read_bytes()[:1 << 20])
+
+    def _real_features(self, extract) -> torch.Tensor:
+        """``extract(images)`` of the eval set's real images, split over the model ranks and gathered."""
+        local = {}
+        for chunk, _, _, _ in self.image_chunks:
+            ids, images, _ = self.eval_set.read(chunk)
+            if len(ids):
+                local[chunk.number] = extract(images)
+        feats = gather_by_chunk(local, self.group, self.num_ranks)
+        return torch.cat([feats[n] for n in sorted(feats)])
 
     def _real_stats(self, dino) -> FeatureStats:
         """DINOv2 statistics of the eval set's real images: computed once (split over ranks), cached beside it."""
         if self.real_stats is not None:
             return self.real_stats
-        path = self._stats_path()
+        path, key = self._real_path("fd", dino.recipe())
         if path.is_file():
             self.real_stats = FeatureStats.load(path)[0]
             return self.real_stats
-        local = {}
-        for chunk, _, _, _ in self.image_chunks:
-            ids, images, _ = self.eval_set.read(chunk)
-            if len(ids):
-                local[chunk.number] = dino(images)
-        feats = gather_by_chunk(local, self.group, self.num_ranks)
-        self.real_stats = FeatureStats.of(torch.cat([feats[n] for n in sorted(feats)]))
+        self.real_stats = FeatureStats.of(self._real_features(dino))
         if self.model_index == 0:
-            self.real_stats.save(path, {"extractor": self.cfg.eval.dino, "eval_set": str(self.eval_set.path)})
+            self.real_stats.save(path, key)
             log.info("cached real-image statistics in %s", path)
         return self.real_stats
 
+    def _real_clip(self, clip) -> torch.Tensor:
+        """CLIP image embeddings of the eval set's real images (CMMD's reference set), cached like the stats."""
+        if self.real_clip is not None:
+            return self.real_clip
+        path, key = self._real_path("cmmd", clip.recipe())
+        if path.is_file():
+            from safetensors.torch import load_file
+
+            self.real_clip = load_file(str(path))["embeddings"]
+            return self.real_clip
+        self.real_clip = self._real_features(clip.images)
+        if self.model_index == 0:
+            from safetensors.torch import save_file
+
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            save_file({"embeddings": self.real_clip.contiguous()}, str(tmp), metadata=key)
+            tmp.replace(path)
+        return self.real_clip
+
     def image_metrics(self, model: torch.nn.Module, step: int, out_dir: Optional[Path] = None) -> dict[str, float]:
-        """``eval.image_metrics`` of generated images: ``eval/fd_dinov2``, ``eval/clip_score``,
-        ``eval/shapes/<attribute>``; a grid to ``out_dir`` (first rank)."""
+        """``eval.image_metrics`` of generated images: ``eval/fd_dinov2`` (with ``eval/fd_num_images``, the N
+        it is computed on), ``eval/cmmd``, ``eval/clip_score``, ``eval/shapes/<attribute>``; a grid to ``out_dir``
+        (first rank)."""
         wanted = self.cfg.eval.image_metrics
         dino = clip = None
-        if "fd_dinov2" in wanted or "clip_score" in wanted:
+        if {"fd_dinov2", "cmmd", "clip_score"} & set(wanted):
             dino, clip = self._extractors()
         was_training = model.training
         model.eval()
@@ -166,7 +193,8 @@ class Evaluator:
             images = self.generate(model, chunk, ids, cond)
             local[chunk.number] = {
                 "dino": dino(images) if "fd_dinov2" in wanted else None,
-                "clip": (clip.images(images), clip.texts(captions)) if "clip_score" in wanted else None,
+                "clip_images": clip.images(images) if {"cmmd", "clip_score"} & set(wanted) else None,
+                "clip_texts": clip.texts(captions) if "clip_score" in wanted else None,
                 "shapes": shape_checks(images, captions) if "shapes" in wanted else None,
             }
             shown.extend(to_pil(images)[: max(0, self.cfg.eval.grid_images - len(shown))])
@@ -177,9 +205,19 @@ class Evaluator:
         if "fd_dinov2" in wanted:
             fake = FeatureStats.of(torch.cat([p["dino"] for p in parts]))
             values["eval/fd_dinov2"] = frechet_distance(fake, self._real_stats(dino))
+            values["eval/fd_num_images"] = fake.n
+            warning = rank_warning(fake.n, dino.dim)
+            if warning and self.model_index == 0 and not self._warned:
+                log.warning("%s", warning)
+                self._warned = True
+            if self.model_index == 0:
+                log.info("FD_DINOv2 = %.4g on N = %d generated images (%s)", values["eval/fd_dinov2"], fake.n,
+                         dino.name)
+        if "cmmd" in wanted:
+            values["eval/cmmd"] = cmmd(self._real_clip(clip), torch.cat([p["clip_images"] for p in parts]))
         if "clip_score" in wanted:
-            values["eval/clip_score"] = clip_score(torch.cat([p["clip"][0] for p in parts]),
-                                                   torch.cat([p["clip"][1] for p in parts]))
+            values["eval/clip_score"] = clip_score(torch.cat([p["clip_images"] for p in parts]),
+                                                   torch.cat([p["clip_texts"] for p in parts]))
         if "shapes" in wanted:
             values.update(shape_scores([row for p in parts for row in p["shapes"]]))
         if self.model_index == 0 and shown:
@@ -189,6 +227,18 @@ class Evaluator:
                 Path(out_dir).mkdir(parents=True, exist_ok=True)
                 self.last_grid.save(Path(out_dir) / f"grid_step_{step:08d}.png")
         return values
+
+
+def real_cache_file(folder: Path, kind: str, recipe: dict[str, str], ids: np.ndarray,
+                    index_head: bytes) -> tuple[Path, dict[str, str]]:
+    """Cache file (and its metadata) of the real images' features of ``kind`` under ``folder/eval_stats``, named
+    by everything that changes them: the extractor's recipe (name, revision, dtype, device type, resize,
+    normalisation), N, and the eval set's fingerprint (the image ids and the first MiB of its index)."""
+    fingerprint = hashlib.sha256(ids.tobytes() + index_head).hexdigest()[:16]
+    key = {**recipe, "kind": kind, "n": str(len(ids)), "eval_set": fingerprint}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    name = recipe["extractor"].strip("/").replace("/", "--")[-60:]
+    return folder / "eval_stats" / f"{kind}_{name}_{len(ids)}_{digest}.safetensors", key
 
 
 def shape_checks(images: torch.Tensor, captions: list[str]) -> list[tuple[dict, bool, bool]]:

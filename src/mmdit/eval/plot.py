@@ -1,5 +1,5 @@
 """Plot a run's metrics against steps: the in-loop ones (``<run>/metrics.jsonl``) and ``evaluate``'s
-(``<run>/eval/metrics.jsonl``), one panel per metric (training loss, validation loss, FD-DINOv2, CLIP score,
+(``<run>/eval/metrics.jsonl``), one panel per metric (training loss, validation loss, FD_DINOv2, CMMD, CLIP score,
 the shapes scorer's accuracies), raw and EMA weights as separate lines."""
 
 from __future__ import annotations
@@ -9,9 +9,10 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Optional
 
-PANELS = ("train_loss", "loss", "fd_dinov2", "clip_score", "shapes")
+PANELS = ("train_loss", "loss", "fd_dinov2", "cmmd", "clip_score", "shapes")
 TITLES = {"train_loss": "training loss (log)", "loss": "validation loss (log)",
-          "fd_dinov2": "FD-DINOv2 (lower is better)", "clip_score": "CLIP score", "shapes": "shapes scorer accuracy"}
+          "fd_dinov2": "FD_DINOv2 (lower is better)", "cmmd": "CMMD (lower is better)",
+           "clip_score": "CLIP score", "shapes": "shapes scorer accuracy"}
 SHAPE_LINES = ("colour", "shape", "position", "size", "background", "all")
 
 
@@ -34,7 +35,8 @@ def collect(run_dir: Path) -> dict[str, dict[str, list[tuple[int, float]]]]:
             elif parts[0] == "eval" and parts[-1] in PANELS:
                 series[parts[-1]]["ema (in loop)"][row["step"]] = value
     for row in _records(run_dir / "eval" / "metrics.jsonl"):  # python -m mmdit evaluate
-        for panel, key in (("loss", "val/loss"), ("fd_dinov2", "eval/fd_dinov2"), ("clip_score", "eval/clip_score")):
+        for panel, key in (("loss", "val/loss"), ("fd_dinov2", "eval/fd_dinov2"), ("cmmd", "eval/cmmd"),
+                           ("clip_score", "eval/clip_score")):
             if key in row:
                 series[panel][f"{row['weights']} (evaluate)"][row["step"]] = row[key]
         for name in SHAPE_LINES:

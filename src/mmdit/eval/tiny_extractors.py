@@ -1,6 +1,6 @@
 """Tiny random-weight DINOv2 and CLIP (vision + text) of the real classes, saved like hub folders.
 
-They load offline through :mod:`mmdit.eval.features`, the same code that loads ``facebook/dinov2-base`` and
+They load offline through :mod:`mmdit.eval.features`, the same code that loads ``facebook/dinov2-large`` and
 ``openai/clip-vit-large-patch14``, so tests exercise the real loading path. The CLIP tokenizer is the tiny
 encoders' WordPiece one (:mod:`mmdit.encoders.tiny`).
 """

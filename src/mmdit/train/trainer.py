@@ -23,7 +23,7 @@ from torch.distributed.tensor import DTensor
 from ..config import Config, config_to_dict
 from ..flow import cfg_dropout_keep, encoder_drop_probs, flow_loss, sample_timesteps
 from ..model import MMDiT
-from ..model.flops import device_peak_flops, hardware_flops_per_image, train_flops_per_image
+from ..model.flops import batch_train_flops, device_peak_flops, skips_padded_keys
 from ..model.policy import compile_blocks, compile_enabled
 from ..model.routing import route_generator, route_indices
 from . import checkpoint as ckpt
@@ -317,6 +317,7 @@ class Trainer:
                                    not self.wandb_id else self.wandb_id, cfg.train.total_steps, self.step)
             self.wandb_id = logger.wandb_id
         peak = cfg.train.peak_flops or device_peak_flops()
+        skip_padded = skips_padded_keys(cfg.model.attention, self.device.type)  # FLOPs of the keys that run
         loss_by_t = LossByT(self.device)
         self.balance = BalanceMonitor(len(rt.topology.loader_ranks), rt.num_model_ranks,
                                       window_steps=cfg.train.balance_window, warmup_until=self.step + 10)
@@ -347,10 +348,10 @@ class Trainer:
                 self.samples_seen += b * rt.num_model_ranks
                 window["images"] += b
                 window["tokens"] += b * (h // cfg.model.patch_size) * (w // cfg.model.patch_size)
-                text_lengths = [m.shape[1] for m in batch.cond.masks]  # as trimmed by the loader
                 pixels = (h * cfg.model.latent_factor, w * cfg.model.latent_factor)
-                window["flops"] += b * train_flops_per_image(cfg.model, *pixels, text_lengths)
-                window["hw_flops"] += b * hardware_flops_per_image(cfg.model, *pixels, text_lengths)
+                flops, hw_flops = batch_train_flops(cfg.model, *pixels, batch.cond.masks, skip_padded)
+                window["flops"] += flops  # a device tensor where padded keys are skipped: read at the report
+                window["hw_flops"] += hw_flops
                 micro += 1
             grad_norm, _, stopped = self._optimizer_step(rt.stop.requested or flagged)
             self.step += 1
@@ -420,6 +421,7 @@ class Trainer:
                     logger.log_images(self.step, "eval/grid", [evaluator.last_grid])
         if values and logger is not None:
             values["eval/seconds"] = time.perf_counter() - t0  # what this evaluation cost the run
+            values["images_seen"] = self.samples_seen  # for the time to a target (mmdit.eval.time_to_target)
             logger.log(self.step, values)
 
     @contextlib.contextmanager
@@ -482,8 +484,8 @@ class Trainer:
                     **balance_metrics(ranks),
                 })
             if peak and window["images"]:
-                values["mfu"] = window["flops"] / elapsed / peak
-                values["hfu"] = window["hw_flops"] / elapsed / peak  # with the recompute of checkpointed blocks
+                values["mfu"] = float(window["flops"]) / elapsed / peak
+                values["hfu"] = float(window["hw_flops"]) / elapsed / peak  # with recompute of checkpointed blocks
             if self.device.type == "cuda":
                 values["max_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
             logger.log(self.step, values)
