@@ -144,3 +144,19 @@ def test_text_lengths_must_match_the_encoders():
     with pytest.raises(ValueError, match="one length per sequence encoder"):
         forward_flops(config(), 24, [16])
     assert forward_flops(config(), 24, 48) == pytest.approx(forward_flops(config(), 24, [24, 24]))
+
+
+def test_routed_blocks_count_the_tokens_they_compute():
+    """model.route: the span's blocks run on the kept image tokens; FlopCounterMode on a routed step agrees."""
+    from mmdit.model.routing import route_generator, route_indices
+
+    cfg = config(depth=4, route=0.5, route_start=1, route_end=3)
+    model = MMDiT(cfg)
+    x, t, cond = inputs(2, height=16, width=16)  # 64 image tokens, 32 through blocks 1 and 2
+    route = route_indices(2, 64, cfg.route, route_generator(0, 0, torch.device("cpu")))
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(x, t, cond, route=route).square().mean().backward()
+    ours = 2 * train_flops_per_image(cfg, 128, 128, [16, 32])
+    assert ours == pytest.approx(counter.get_total_flops(), rel=1e-3)
+    assert ours < 2 * train_flops_per_image(config(depth=4), 128, 128, [16, 32])

@@ -29,6 +29,7 @@ import torch
 
 from ..config import ModelConfig
 from .policy import block_checkpoints
+from .routing import kept_tokens, route_span
 
 TIME_FREQ_DIM = 256  # sinusoidal features into the timestep MLP (embedders.TimestepEmbedder)
 
@@ -93,15 +94,23 @@ def input_layer_flops(cfg: ModelConfig, image_tokens: int, text_tokens: int | Se
                  + 2 * cfg.pooled_dim * d)
 
 
+def block_image_tokens(cfg: ModelConfig, image_tokens: int, routed: bool) -> list[int]:
+    """Image tokens each block computes: fewer in the routed span when training with ``model.route``."""
+    span = route_span(cfg) if routed and cfg.route else range(0)
+    return [kept_tokens(image_tokens, cfg.route) if i in span else image_tokens for i in range(cfg.depth)]
+
+
 def forward_flops(cfg: ModelConfig, image_tokens: int, text_tokens: int | Sequence[int],
-                  attended_text: Optional[float] = None) -> float:
+                  attended_text: Optional[float] = None, routed: bool = False) -> float:
     """Forward FLOPs for one image with ``image_tokens`` patches and text of ``text_tokens`` tokens (a total,
     or one length per encoder: the trimmed length the model computes, padding included). ``attended_text``:
-    the real text tokens (all encoders) where the attention kernel skips padded keys; None = it computes all."""
+    the real text tokens (all encoders) where the attention kernel skips padded keys; None = it computes all.
+    ``routed``: a training forward with token routing (:mod:`.routing`)."""
     d = cfg.dim
     text = sum(_text_lengths(cfg, text_tokens))
     conditioning = 2 * (TIME_FREQ_DIM * d + d * d) + (2 * d * d if cfg.pooled_dim else 0)
-    blocks = sum(block_flops(cfg, image_tokens, text, i == cfg.depth - 1, attended_text).total
+    per_block = block_image_tokens(cfg, image_tokens, routed)
+    blocks = sum(block_flops(cfg, per_block[i], text, i == cfg.depth - 1, attended_text).total
                  for i in range(cfg.depth))
     final = 2 * d * 2 * d + 2 * image_tokens * d * cfg.in_channels * cfg.patch_size**2
     return float(input_layer_flops(cfg, image_tokens, text_tokens) + conditioning + blocks + final)
@@ -112,8 +121,9 @@ def recompute_flops(cfg: ModelConfig, image_tokens: int, text_tokens: int | Sequ
     """Forward FLOPs that activation checkpointing (``model.checkpoint``) repeats in the backward, per image."""
     text = sum(_text_lengths(cfg, text_tokens))
     total = 0.0
+    per_block = block_image_tokens(cfg, image_tokens, routed=True)
     for i, policy in enumerate(block_checkpoints(cfg.checkpoint_policy, cfg.depth)):
-        f = block_flops(cfg, image_tokens, text, i == cfg.depth - 1, attended_text)
+        f = block_flops(cfg, per_block[i], text, i == cfg.depth - 1, attended_text)
         total += {"none": 0.0, "attention": f.attention, "mlp": f.mlp, "attention+mlp": f.attention + f.mlp,
                   "full": f.total}[policy]
     return total
@@ -127,9 +137,11 @@ def _image_tokens(cfg: ModelConfig, height: int, width: int) -> int:
 def train_flops_per_image(cfg: ModelConfig, height: int, width: int, text_tokens: int | Sequence[int],
                           attended_text: Optional[float] = None) -> float:
     """Model FLOPs of one training step per image of height x width pixels (for MFU): 3 x forward, less the
-    input-gradient half of the input layers' backward, which is never computed."""
+    input-gradient half of the input layers' backward, which is never computed. Routed blocks (``model.route``)
+    count the tokens they compute."""
     tokens = _image_tokens(cfg, height, width)
-    return 3.0 * forward_flops(cfg, tokens, text_tokens, attended_text) - input_layer_flops(cfg, tokens, text_tokens)
+    return (3.0 * forward_flops(cfg, tokens, text_tokens, attended_text, routed=True)
+            - input_layer_flops(cfg, tokens, text_tokens))
 
 
 def hardware_flops_per_image(cfg: ModelConfig, height: int, width: int, text_tokens: int | Sequence[int],
