@@ -17,6 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .config_checks import ConfigError, _choice, _positive, _probability
 from .config_eval import EvalConfig  # the eval section; ConfigError is re-exported for every caller
+from .config_train_methods import MuonConfig, PhemaConfig, check_methods_parallel
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -294,10 +295,16 @@ class TrainConfig:
     # how model ranks share the model: ddp (a full copy per rank; the default up to ~1.2B) or fsdp (FSDP2:
     # weights, gradients, optimizer state and EMA sharded over the model ranks; mmdit.train.parallel)
     parallel: str = "ddp"
+    # adamw, or muon: torch.optim.Muon for the blocks' 2-D matrices, AdamW for the rest (train.muon.*)
+    optimizer: str = "adamw"
+    muon: MuonConfig = field(default_factory=MuonConfig)
+    phema: PhemaConfig = field(default_factory=PhemaConfig)  # post-hoc EMA (EDM2), off by default
 
     def __post_init__(self) -> None:
         _positive("train.total_steps", self.total_steps)
         _choice("train.parallel", self.parallel, ("ddp", "fsdp"))
+        _choice("train.optimizer", self.optimizer, ("adamw", "muon"))
+        check_methods_parallel(self.optimizer, self.phema, self.parallel)
         _positive("train.accumulation_steps", self.accumulation_steps)
         _positive("train.lr", self.lr)
         _choice("train.lr_schedule", self.lr_schedule, ("constant", "cosine"))

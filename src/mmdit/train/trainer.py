@@ -30,6 +30,7 @@ from .batches import build_schedule, local_source, make_producer, remote_source,
 from .metrics import LossByT, MetricsLogger
 from .optim import EMA, make_optimizer, make_scheduler
 from .parallel import ParallelModel, ShardedEMA
+from .phema_tracker import PowerFunctionEMA
 from .resume import ResumePlan, agree_resume, check_loaded_step, data_layout
 from .rng_state import capture_rng_state, restore_rng_state
 from .runtime import Runtime
@@ -104,6 +105,8 @@ class Trainer:
             self.ema: EMA | ShardedEMA = ShardedEMA(self.model)
         else:
             self.ema = EMA(self.model)
+        ph = cfg.train.phema  # post-hoc EMA profiles: the first model rank alone saves them (DDP only)
+        self.phema = PowerFunctionEMA(self.model, ph.stds) if ph.enabled and rt.is_main else None
         self.optimizer = make_optimizer(self.model, cfg.train)
         self.scheduler = make_scheduler(self.optimizer, cfg.train)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
@@ -127,6 +130,7 @@ class Trainer:
             check_loaded_step(self.plan, int(ts["step"]), self.rt.rank)
             self.step, self.skipped, self.corrupt = ts["step"], ts.get("skipped", 0), ts.get("corrupt", 0)
             self.wandb_id = ts.get("wandb_id")
+            self._restore_phema(path, ts)
             rng = ts.get("rng", [])
             if self.model_index < len(rng):
                 restore_rng_state(rng[self.model_index])
@@ -151,6 +155,17 @@ class Trainer:
                 self.wandb_id = ckpt.read_trainer_state(source).get("wandb_id")
             if self.rt.is_main:
                 log.info("initialised weights from %s (EMA weights)", source)
+
+    def _restore_phema(self, path: Path, ts: dict) -> None:
+        if self.phema is None:
+            return
+        tensors = ckpt.load_extra_weights(path, "phema", device=str(self.device))
+        if tensors is None or "phema" not in ts:
+            log.warning("%s holds no post-hoc EMA profiles: they start from its weights at %d images", path,
+                        self.samples_seen)
+            self.phema.start_from(self.model, self.samples_seen, int(ts["step"]))
+        else:
+            self.phema.load_state_dict(tensors, ts["phema"])
 
     def _load_states(self, path: Path) -> dict:
         """Weights, EMA, optimizer, scheduler and scaler from a full or a sharded checkpoint, whichever this
@@ -196,6 +211,8 @@ class Trainer:
             "wandb_id": self.wandb_id,
             "rng": rng,
         }
+        if self.phema is not None:
+            trainer_state["phema"] = self.phema.meta()
         if self.fsdp:  # every model rank writes its shard
             sharded.save_sharded(
                 self.run_dir, self.step, model=self.model, optimizer=self.optimizer, ema=self.ema,
@@ -208,6 +225,7 @@ class Trainer:
             optimizer_state=self.optimizer.state_dict(), scheduler_state=self.scheduler.state_dict(),
             scaler_state=self.scaler.state_dict(), trainer_state=trainer_state, config=self.cfg,
             keep_last=self.cfg.train.keep_last,
+            extra_weights={"phema": self.phema.state_dict()} if self.phema is not None else None,
         )
         log.info("saved %s", path)
 
@@ -254,6 +272,13 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return grad_norm.detach(), finite, stop
+
+    def _phema_update(self) -> None:
+        """Move the post-hoc EMA profiles to this step's time (images seen); a snapshot when due."""
+        self.phema.update(self.model, self.samples_seen, self.step)
+        ph = self.cfg.train.phema
+        if self.step % ph.snapshot_every == 0 or self.step == self.cfg.train.total_steps:
+            self.phema.write_snapshots(self.run_dir, ph.snapshot_dtype)
 
     # ---------------------------------------------------------------- the loop
     def _open_source(self):
@@ -334,6 +359,8 @@ class Trainer:
             self.step += 1
             if self.step % cfg.train.ema_update_every == 0:
                 self.ema.update(self.model, cfg.train.ema_decay)
+            if self.phema is not None:
+                self._phema_update()
             if logger is not None:
                 logger.advance()
             if self.step % cfg.train.log_every == 0 or self.step == cfg.train.total_steps:
