@@ -51,9 +51,12 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32, help="micro-step batch to time beside (0: skip)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cfg = load_config(args.config, args.overrides)
     torch.manual_seed(0)
     model = MMDiT(cfg.model).to(device)
