@@ -125,3 +125,26 @@ def test_muon_and_phema_resume_exactly_under_ddp(tiny_models, demo_data, tmp_pat
         assert all(torch.equal(wa[k], wb[k]) for k in wa), s["path"].name
     ranks = [json.loads((straight / "tiny_latent" / f"summary_rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]  # DDP + Muon kept the ranks in sync
+
+
+def test_phema_sharded_under_fsdp_resumes_exactly(tiny_models, demo_data, tmp_path):
+    """FSDP (2 ranks): the profiles are sharded like the weights and gathered for the snapshots. 4 steps straight
+    == 2 + resume 2 bit for bit; a run that starts under DDP and resumes under FSDP (the full profiles
+    sharded on load) tracks the same profiles to fp32 rounding."""
+    extra = ["train.phema.enabled=true", "train.phema.snapshot_every=1", "train.phema.snapshot_dtype=fp32",
+             "train.save_every=1000", "model.depth=1"]
+    fsdp = "train.parallel=fsdp"
+    straight, resumed, switched = tmp_path / "straight", tmp_path / "resumed", tmp_path / "switched"
+    train([*common(tiny_models, demo_data, straight, 4), *extra, fsdp], nproc=2)
+    train([*common(tiny_models, demo_data, resumed, 2), *extra, fsdp], nproc=2)
+    train([*common(tiny_models, demo_data, resumed, 4), *extra, fsdp, "train.resume=auto"], nproc=2)
+    train([*common(tiny_models, demo_data, switched, 2), *extra], nproc=2)
+    train([*common(tiny_models, demo_data, switched, 4), *extra, fsdp, "train.resume=auto"], nproc=2)
+    sa, sb, sc = (list_snapshots(d / "tiny_latent") for d in (straight, resumed, switched))
+    names = [s["path"].name for s in sa]
+    assert len(sa) == 8 and names == [s["path"].name for s in sb] == [s["path"].name for s in sc]
+    for s, t, u in zip(sa, sb, sc):
+        wa, wb, wc = (load_file(x["path"]) for x in (s, t, u))
+        assert wa.keys() == wb.keys() == wc.keys()
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), s["path"].name
+        assert max(float((wa[k] - wc[k]).abs().max()) for k in wa) < 1e-5, s["path"].name

@@ -304,7 +304,7 @@ class TrainConfig:
         _positive("train.total_steps", self.total_steps)
         _choice("train.parallel", self.parallel, ("ddp", "fsdp"))
         _choice("train.optimizer", self.optimizer, ("adamw", "muon"))
-        check_methods_parallel(self.optimizer, self.phema, self.parallel)
+        check_methods_parallel(self.optimizer, self.parallel)
         _positive("train.accumulation_steps", self.accumulation_steps)
         _positive("train.lr", self.lr)
         _choice("train.lr_schedule", self.lr_schedule, ("constant", "cosine"))

@@ -72,7 +72,7 @@ class MuonConfig:
             raise ConfigError("train.muon.params is empty; give name patterns, e.g. ['blocks.*']")
 
 
-def check_methods_parallel(optimizer: str, phema: PhemaConfig, parallel: str) -> None:
+def check_methods_parallel(optimizer: str, parallel: str) -> None:
     """What FSDP cannot run yet, refused at config load with the key to change."""
     if parallel != "fsdp":
         return
@@ -80,6 +80,3 @@ def check_methods_parallel(optimizer: str, phema: PhemaConfig, parallel: str) ->
         raise ConfigError("train.optimizer=muon with train.parallel=fsdp: torch.optim.Muon is not DTensor-aware "
                           "(Newton-Schulz on a row shard is not the full matrix's); use train.parallel=ddp, or "
                           "train.optimizer=adamw under FSDP")
-    if phema.enabled:
-        raise ConfigError("train.phema.enabled=true with train.parallel=fsdp is not supported yet (the profiles are "
-                          "kept whole on the first model rank); use train.parallel=ddp or train.phema.enabled=false")

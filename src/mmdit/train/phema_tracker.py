@@ -7,12 +7,14 @@ steps (and at ``train.total_steps``) each profile is written to
 ``<run_dir>/phema/std<std>-img<images:012d>.safetensors`` (dtype ``train.phema.snapshot_dtype``; the file's
 metadata holds std, images and step), atomically (temporary name, then rename). ``python -m mmdit ema``
 reconstructs any EMA length from these files. The profiles themselves (fp32) are part of every checkpoint
-(``phema.safetensors`` + ``trainer_state["phema"]``), so a resume continues them exactly.
+(``phema.safetensors`` + ``trainer_state["phema"]``, or the sharded checkpoint's ``phema`` entry), so a resume
+continues them exactly. Under FSDP each profile is sharded like the weights (one DTensor per parameter, as
+:class:`~.parallel.ShardedEMA`): every model rank updates its shard, and a snapshot gathers the full tensors
+(a collective) for the first model rank to write.
 """
 
 from __future__ import annotations
 
-import copy
 import os
 import re
 from pathlib import Path
@@ -21,6 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .phema import power_function_beta
 
@@ -37,12 +40,17 @@ def snapshot_name(std: float, images: int) -> str:
     return f"{profile_key(std)}-img{int(images):012d}.safetensors"
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 class PowerFunctionEMA:
-    """One fp32 copy of the weights per profile std, on the model's device; ``update`` after each optimizer step."""
+    """One fp32 copy of the parameters per profile std (sharded like them under FSDP), on the model's device;
+    ``update`` after each optimizer step."""
 
     def __init__(self, model: nn.Module, stds: list[float]):
         self.stds = [float(s) for s in stds]
-        self.profiles = {profile_key(s): copy.deepcopy(model).float().eval().requires_grad_(False)
+        self.profiles = {profile_key(s): {n: p.detach().float().clone() for n, p in model.named_parameters()}
                          for s in self.stds}
         self.images = 0  # the time of the last update (global images seen)
         self.step = 0
@@ -53,16 +61,16 @@ class PowerFunctionEMA:
         for ``images - self.images`` images."""
         if images <= self.images:
             raise ValueError(f"post-hoc EMA update at {images} images, not after the last one ({self.images})")
-        live = [p.detach().float() for p in model.parameters()]
+        live = {n: _local(p.detach()).float() for n, p in model.named_parameters()}
         for std, profile in zip(self.stds, self.profiles.values()):
             beta = float(power_function_beta(std, images, images - self.images))
-            torch._foreach_lerp_(list(profile.parameters()), live, 1.0 - beta)
+            torch._foreach_lerp_([_local(t) for t in profile.values()], [live[n] for n in profile], 1.0 - beta)
         self.images, self.step = int(images), int(step)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Flat ``std<std>/<param>`` tensors (one safetensors file in a checkpoint)."""
-        return {f"{key}/{name}": t for key, profile in self.profiles.items()
-                for name, t in profile.state_dict().items()}
+        """Flat ``std<std>/<param>`` tensors, the live ones (DTensors under FSDP: what DCP saves and loads in
+        place; plain: one safetensors file in a checkpoint)."""
+        return {f"{key}/{name}": t for key, profile in self.profiles.items() for name, t in profile.items()}
 
     def meta(self) -> dict:
         """The JSON part of the state (trainer_state["phema"])."""
@@ -70,29 +78,44 @@ class PowerFunctionEMA:
 
     @torch.no_grad()
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        """Tensors as :meth:`state_dict` names them (full or sharded) and the :meth:`meta` dict."""
+        self.load_meta(meta)
+        missing = sorted(set(self.state_dict()) - set(tensors))
+        if missing:
+            raise KeyError(f"post-hoc EMA state lacks {missing[:4]} ({len(missing)} in all)")
+        for name, t in self.state_dict().items():
+            full = tensors[name].to(device=t.device, dtype=t.dtype)
+            if isinstance(t, DTensor) and not isinstance(full, DTensor):  # a full (DDP) state into shards
+                full = distribute_tensor(full, t.device_mesh, t.placements)
+            t.copy_(full)
+
+    def load_meta(self, meta: dict) -> None:
+        """The JSON part alone (the tensors were loaded in place, e.g. by DCP)."""
         if [float(s) for s in meta["stds"]] != self.stds:
             raise ValueError(f"the checkpoint tracks post-hoc EMA stds {meta['stds']}, this run "
                              f"train.phema.stds={self.stds}: restore the recorded list to resume")
-        for key, profile in self.profiles.items():
-            own = {name[len(key) + 1:]: t for name, t in tensors.items() if name.startswith(key + "/")}
-            profile.load_state_dict(own)
         self.images, self.step = int(meta["images"]), int(meta["step"])
 
     @torch.no_grad()
     def start_from(self, model: nn.Module, images: int, step: int) -> None:
         """Begin mid-run (a checkpoint without post-hoc EMA state): every profile holds today's weights, as if
         they had been the weights since time 0 (the reconstruction is then exact only from here on)."""
+        live = {n: _local(p.detach()).float() for n, p in model.named_parameters()}
         for profile in self.profiles.values():
-            torch._foreach_copy_(list(profile.parameters()), [p.detach().float() for p in model.parameters()])
+            torch._foreach_copy_([_local(t) for t in profile.values()], [live[n] for n in profile])
         self.images, self.step = int(images), int(step)
 
-    def write_snapshots(self, run_dir: Path, dtype: str) -> list[Path]:
-        """Every profile at the current time into ``<run_dir>/phema/`` (temporary name, fsync, rename)."""
+    def write_snapshots(self, run_dir: Path, dtype: str, write: bool = True) -> list[Path]:
+        """Every profile at the current time into ``<run_dir>/phema/`` (temporary name, fsync, rename).
+        Under FSDP every model rank calls this (the gather is a collective); only ``write`` ranks write."""
         out_dir = Path(run_dir) / SNAPSHOT_DIR
-        out_dir.mkdir(parents=True, exist_ok=True)
         written = []
         for std, profile in zip(self.stds, self.profiles.values()):
-            tensors = {k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in profile.state_dict().items()}
+            tensors = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().to("cpu", DTYPES[dtype])
+                       .contiguous() for k, v in profile.items()}
+            if not write:
+                continue
+            out_dir.mkdir(parents=True, exist_ok=True)
             final = out_dir / snapshot_name(std, self.images)
             tmp = final.with_name(final.name + f".tmp-{os.getpid()}")
             save_file(tensors, str(tmp), metadata={"std": repr(std), "images": str(self.images),

@@ -105,8 +105,8 @@ class Trainer:
             self.ema: EMA | ShardedEMA = ShardedEMA(self.model)
         else:
             self.ema = EMA(self.model)
-        ph = cfg.train.phema  # post-hoc EMA profiles: the first model rank alone saves them (DDP only)
-        self.phema = PowerFunctionEMA(self.model, ph.stds) if ph.enabled and rt.is_main else None
+        ph = cfg.train.phema  # post-hoc EMA profiles: on the first model rank (DDP) or sharded on all (FSDP)
+        self.phema = PowerFunctionEMA(self.model, ph.stds) if ph.enabled and (rt.is_main or self.fsdp) else None
         self.optimizer = make_optimizer(self.model, cfg.train)
         self.scheduler = make_scheduler(self.optimizer, cfg.train)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
@@ -159,6 +159,9 @@ class Trainer:
     def _restore_phema(self, path: Path, ts: dict) -> None:
         if self.phema is None:
             return
+        if "phema" in ts and self._phema_loaded:  # read in place with the sharded checkpoint
+            self.phema.load_meta(ts["phema"])
+            return
         tensors = ckpt.load_extra_weights(path, "phema", device=str(self.device))
         if tensors is None or "phema" not in ts:
             log.warning("%s holds no post-hoc EMA profiles: they start from its weights at %d images", path,
@@ -170,9 +173,12 @@ class Trainer:
     def _load_states(self, path: Path) -> dict:
         """Weights, EMA, optimizer, scheduler and scaler from a full or a sharded checkpoint, whichever this
         run's ``train.parallel`` (a run may switch at a resume); returns the trainer state."""
+        self._phema_loaded = False
         if sharded.is_sharded(path):
-            sharded.load_sharded(path, model=self.model, optimizer=self.optimizer, ema=self.ema,
-                                 group=self.rt.model_group if self.rt.distributed else None)
+            found = sharded.load_sharded(path, model=self.model, optimizer=self.optimizer, ema=self.ema,
+                                         group=self.rt.model_group if self.rt.distributed else None,
+                                         extra={"phema": self.phema.state_dict()} if self.phema is not None else None)
+            self._phema_loaded = "phema" in found
             states = {k: ckpt._load_torch(path, ckpt.STATE_FILES[k], self.device) for k in ("scheduler", "scaler")}
             self.scheduler.load_state_dict(states["scheduler"])
             self.scaler.load_state_dict(states["scaler"])
@@ -218,7 +224,8 @@ class Trainer:
                 self.run_dir, self.step, model=self.model, optimizer=self.optimizer, ema=self.ema,
                 scheduler_state=self.scheduler.state_dict(), scaler_state=self.scaler.state_dict(),
                 trainer_state=trainer_state, config=self.cfg, keep_last=self.cfg.train.keep_last,
-                group=self.rt.model_group, main_rank=self.rt.topology.model_ranks[0], is_main=self.rt.is_main)
+                group=self.rt.model_group, main_rank=self.rt.topology.model_ranks[0], is_main=self.rt.is_main,
+                extra={"phema": self.phema.state_dict()} if self.phema is not None else None)
             return
         path = ckpt.save_checkpoint(
             self.run_dir, self.step, model_state=self.model.state_dict(), ema_state=self.ema.state_dict(),
@@ -278,7 +285,7 @@ class Trainer:
         self.phema.update(self.model, self.samples_seen, self.step)
         ph = self.cfg.train.phema
         if self.step % ph.snapshot_every == 0 or self.step == self.cfg.train.total_steps:
-            self.phema.write_snapshots(self.run_dir, ph.snapshot_dtype)
+            self.phema.write_snapshots(self.run_dir, ph.snapshot_dtype, write=self.rt.is_main)
 
     # ---------------------------------------------------------------- the loop
     def _open_source(self):
