@@ -10,6 +10,8 @@
   memory       --config PRESET --gpus N [N ...]  memory per GPU under DDP and FSDP, with/without checkpointing
   export       --checkpoint STEP --output DIR [--ema] | --checkpoint STEP --consolidate
                                                  a Hub-style folder (MMDiT.from_pretrained), or full safetensors
+  ema          --run RUN --stds 0.05,0.08 [--eval_set DIR] [--output DIR] [--export DIR]
+                                                 post-hoc EMA: weights of any EMA length from the phema snapshots
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ COMMANDS = {
     "evaluate": "mmdit.eval.evaluate",
     "memory": "mmdit.memory",
     "export": "mmdit.export",
+    "ema": "mmdit.reconstruct_ema",
 }
 
 

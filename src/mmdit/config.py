@@ -17,6 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .config_checks import ConfigError, _choice, _positive, _probability
 from .config_eval import EvalConfig  # the eval section; ConfigError is re-exported for every caller
+from .config_train_methods import MuonConfig, PhemaConfig, check_methods_parallel
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -313,10 +314,16 @@ class TrainConfig:
     # SHA-256 of the final weights in summary_rank<r>.json (a gather of every weight under FSDP: tests only,
     # never on by default, because it would run in the window between a stop's checkpoint and the exit)
     weights_digest: bool = False
+    # adamw, or muon: torch.optim.Muon for the blocks' 2-D matrices, AdamW for the rest (train.muon.*)
+    optimizer: str = "adamw"
+    muon: MuonConfig = field(default_factory=MuonConfig)
+    phema: PhemaConfig = field(default_factory=PhemaConfig)  # post-hoc EMA (EDM2), off by default
 
     def __post_init__(self) -> None:
         _positive("train.total_steps", self.total_steps)
         _choice("train.parallel", self.parallel, ("ddp", "fsdp"))
+        _choice("train.optimizer", self.optimizer, ("adamw", "muon"))
+        check_methods_parallel(self.optimizer, self.parallel)
         _positive("train.accumulation_steps", self.accumulation_steps)
         _positive("train.lr", self.lr)
         _choice("train.lr_schedule", self.lr_schedule, ("constant", "cosine"))

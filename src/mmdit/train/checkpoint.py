@@ -7,6 +7,7 @@ Layout of ``<run_dir>/step_<N:08d>/``::
     optimizer.pt         optimizer state dict      (absent if None)
     scheduler.pt         LR scheduler state dict   (absent if None)
     scaler.pt            AMP GradScaler state dict (absent if None)
+    phema.safetensors    post-hoc EMA profiles      (only with train.phema.enabled; extra_weights)
     trainer_state.json   step, data cursor, RNG states of every rank, wandb id, ... (JSON)
     config.yaml          the resolved config (mmdit.config.save_config)
     COMPLETE             JSON manifest (step, files, tensor file sizes); written last
@@ -179,11 +180,13 @@ def save_checkpoint(
     trainer_state: dict,
     config: Any,
     keep_last: int,
+    extra_weights: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Write ``<run_dir>/step_<step>/`` atomically, then keep only the newest ``keep_last`` (<= 0: keep all).
 
     ``trainer_state`` must be JSON-safe after :func:`to_jsonable` (tensors/arrays are encoded);
-    ``step`` is stored in it. Call from one process only (global rank 0). Returns the step directory.
+    ``step`` is stored in it. ``extra_weights``: more tensor files, ``<key>.safetensors`` (read back with
+    :func:`load_extra_weights`). Call from one process only (global rank 0). Returns the step directory.
     """
     final, tmp = begin_save(run_dir, step)
     t0 = time.monotonic()
@@ -194,6 +197,9 @@ def save_checkpoint(
     if ema_state is not None:
         _write_safetensors(ema_state, tmp / WEIGHT_FILES["ema"], "ema_state")
         files.append(WEIGHT_FILES["ema"])
+    for key, state in (extra_weights or {}).items():
+        _write_safetensors(state, tmp / f"{key}.safetensors", key)
+        files.append(f"{key}.safetensors")
     write_states(tmp, files, optimizer=optimizer_state, scheduler=scheduler_state, scaler=scaler_state)
     commit_save(final, tmp, step, files, trainer_state, config, keep_last)
     log.info("saved checkpoint %s in %.1fs", final, time.monotonic() - t0)
@@ -423,6 +429,12 @@ def load_weights(path: str | Path, which: str = "ema", *, device: str = "cpu") -
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist")
     return load_file(str(_require(path, WEIGHT_FILES[which])), device=device)
+
+
+def load_extra_weights(path: str | Path, key: str, *, device: str = "cpu") -> dict[str, torch.Tensor] | None:
+    """``<key>.safetensors`` of a step directory (``save_checkpoint(extra_weights=...)``), None if absent."""
+    f = Path(path) / f"{key}.safetensors"
+    return load_file(str(f), device=device) if f.is_file() else None
 
 
 def read_trainer_state(path: str | Path) -> dict:

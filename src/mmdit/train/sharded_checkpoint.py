@@ -4,7 +4,7 @@ atomic discipline as :mod:`.checkpoint`, and the moves between sharded and full 
 Layout of ``<run_dir>/step_<N:08d>/`` (the same directory name as a full checkpoint)::
 
     sharded/.metadata          DCP metadata (written last by DCP, by the first model rank)
-    sharded/__<r>_0.distcp     model rank r's shards of {"model", "ema", "optimizer"}
+    sharded/__<r>_0.distcp     model rank r's shards of {"model", "ema", "optimizer"} (+ "phema": post-hoc EMA)
     scheduler.pt, scaler.pt    small, from the first model rank
     trainer_state.json, config.yaml, COMPLETE   as in a full checkpoint; COMPLETE lists every file above
 
@@ -62,16 +62,18 @@ def _broadcast_path(path: Path | None, group, src: int) -> Path:
 
 def save_sharded(run_dir: str | Path, step: int, *, model: nn.Module, optimizer: torch.optim.Optimizer,
                  ema: ShardedEMA, scheduler_state: dict, scaler_state: dict, trainer_state: dict, config: Any,
-                 keep_last: int, group, main_rank: int, is_main: bool) -> Path:
+                 keep_last: int, group, main_rank: int, is_main: bool,
+                 extra: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
     """Every model rank calls this (a collective over ``group``; ``group=None``: one process, no
-    process group, e.g. a test or a conversion); returns the step directory."""
+    process group, e.g. a test or a conversion); ``extra``: more state dicts saved beside the model's
+    (the post-hoc EMA profiles); returns the step directory."""
     t0 = time.monotonic()
     final, tmp = ckpt.begin_save(run_dir, step) if is_main else (None, None)
     if group is not None:
         tmp = _broadcast_path(tmp, group, main_rank)
     final = tmp.parent / ckpt.step_dir_name(step)
     state = {"model": get_model_state_dict(model), "ema": ema.state_dict(),
-             "optimizer": get_optimizer_state_dict(model, optimizer)}
+             "optimizer": get_optimizer_state_dict(model, optimizer), **(extra or {})}
     writer = dcp.FileSystemWriter(tmp / SHARDED_DIR, sync_files=True)
     with warnings.catch_warnings():  # one process without a process group: DCP warns that this is the intent
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -88,13 +90,17 @@ def save_sharded(run_dir: str | Path, step: int, *, model: nn.Module, optimizer:
 
 
 def load_sharded(path: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-                 ema: Any, group=None) -> None:
+                 ema: Any, group=None, extra: dict[str, dict[str, torch.Tensor]] | None = None) -> list[str]:
     """Read a sharded checkpoint into ``model`` / ``optimizer`` / ``ema``, sharded (FSDP) or full (a plain
-    model, an :class:`~mmdit.train.optim.EMA`): DCP reads each tensor as the target holds it."""
+    model, an :class:`~mmdit.train.optim.EMA`): DCP reads each tensor as the target holds it. ``extra``
+    state dicts are filled in place when the checkpoint has them; returns the keys of those it had."""
     path = Path(path)
     ckpt._check_complete(path)
     state: dict[str, Any] = {"model": get_model_state_dict(model)}
     state["ema"] = ema.state_dict()
+    saved = dcp.FileSystemReader(path / SHARDED_DIR).read_metadata().state_dict_metadata
+    found = [k for k in (extra or {}) if any(name.startswith(f"{k}.") for name in saved)]
+    state.update({k: extra[k] for k in found})
     if optimizer is not None:
         state["optimizer"] = get_optimizer_state_dict(model, optimizer)
     dcp.load(state, checkpoint_id=path / SHARDED_DIR, process_group=group)
@@ -103,6 +109,7 @@ def load_sharded(path: str | Path, *, model: nn.Module, optimizer: torch.optim.O
         set_optimizer_state_dict(model, optimizer, state["optimizer"])
     if not isinstance(ema, ShardedEMA):  # a plain EMA module's state_dict() tensors were filled in place
         ema.load_state_dict(state["ema"])
+    return found
 
 
 def load_full_into_sharded(state: ckpt.Checkpoint, *, model: nn.Module, optimizer: torch.optim.Optimizer,

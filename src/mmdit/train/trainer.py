@@ -35,6 +35,7 @@ from .faults import inject_delay
 from .metrics import LossByT, MetricsLogger
 from .optim import EMA, make_optimizer, make_scheduler
 from .parallel import ParallelModel, ShardedEMA
+from .phema_tracker import PowerFunctionEMA
 from .resume import ResumePlan, agree_resume, check_loaded_step, data_layout
 from .rng_state import capture_rng_state, restore_rng_state
 from .runtime import Runtime
@@ -109,6 +110,8 @@ class Trainer:
             self.ema: EMA | ShardedEMA = ShardedEMA(self.model)
         else:
             self.ema = EMA(self.model)
+        ph = cfg.train.phema  # post-hoc EMA profiles: on the first model rank (DDP) or sharded on all (FSDP)
+        self.phema = PowerFunctionEMA(self.model, ph.stds) if ph.enabled and (rt.is_main or self.fsdp) else None
         self.optimizer = make_optimizer(self.model, cfg.train)
         self.scheduler = make_scheduler(self.optimizer, cfg.train)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
@@ -136,6 +139,7 @@ class Trainer:
             check_loaded_step(self.plan, int(ts["step"]), self.rt.rank)
             self.step, self.skipped, self.corrupt = ts["step"], ts.get("skipped", 0), ts.get("corrupt", 0)
             self.wandb_id = ts.get("wandb_id")
+            self._restore_phema(path, ts)
             rng = ts.get("rng", [])
             if self.model_index < len(rng):
                 restore_rng_state(rng[self.model_index])
@@ -161,12 +165,29 @@ class Trainer:
             if self.rt.is_main:
                 log.info("initialised weights from %s (EMA weights)", source)
 
+    def _restore_phema(self, path: Path, ts: dict) -> None:
+        if self.phema is None:
+            return
+        if "phema" in ts and self._phema_loaded:  # read in place with the sharded checkpoint
+            self.phema.load_meta(ts["phema"])
+            return
+        tensors = ckpt.load_extra_weights(path, "phema", device=str(self.device))
+        if tensors is None or "phema" not in ts:
+            log.warning("%s holds no post-hoc EMA profiles: they start from its weights at %d images", path,
+                        self.samples_seen)
+            self.phema.start_from(self.model, self.samples_seen, int(ts["step"]))
+        else:
+            self.phema.load_state_dict(tensors, ts["phema"])
+
     def _load_states(self, path: Path) -> dict:
         """Weights, EMA, optimizer, scheduler and scaler from a full or a sharded checkpoint, whichever this
         run's ``train.parallel`` (a run may switch at a resume); returns the trainer state."""
+        self._phema_loaded = False
         if sharded.is_sharded(path):
-            sharded.load_sharded(path, model=self.model, optimizer=self.optimizer, ema=self.ema,
-                                 group=self.rt.model_group if self.rt.distributed else None)
+            found = sharded.load_sharded(path, model=self.model, optimizer=self.optimizer, ema=self.ema,
+                                         group=self.rt.model_group if self.rt.distributed else None,
+                                         extra={"phema": self.phema.state_dict()} if self.phema is not None else None)
+            self._phema_loaded = "phema" in found
             states = {k: ckpt._load_torch(path, ckpt.STATE_FILES[k], self.device) for k in ("scheduler", "scaler")}
             self.scheduler.load_state_dict(states["scheduler"])
             self.scaler.load_state_dict(states["scaler"])
@@ -206,18 +227,22 @@ class Trainer:
             "rng": rng,
             "lineage": {"id": self.plan.lineage, "parent": self.plan.parent},
         }
+        if self.phema is not None:
+            trainer_state["phema"] = self.phema.meta()
         if self.fsdp:  # every model rank writes its shard
             sharded.save_sharded(
                 self.run_dir, self.step, model=self.model, optimizer=self.optimizer, ema=self.ema,
                 scheduler_state=self.scheduler.state_dict(), scaler_state=self.scaler.state_dict(),
                 trainer_state=trainer_state, config=self.cfg, keep_last=self.cfg.train.keep_last,
-                group=self.rt.model_group, main_rank=self.rt.topology.model_ranks[0], is_main=self.rt.is_main)
+                group=self.rt.model_group, main_rank=self.rt.topology.model_ranks[0], is_main=self.rt.is_main,
+                extra={"phema": self.phema.state_dict()} if self.phema is not None else None)
             return
         path = ckpt.save_checkpoint(
             self.run_dir, self.step, model_state=self.model.state_dict(), ema_state=self.ema.state_dict(),
             optimizer_state=self.optimizer.state_dict(), scheduler_state=self.scheduler.state_dict(),
             scaler_state=self.scaler.state_dict(), trainer_state=trainer_state, config=self.cfg,
             keep_last=self.cfg.train.keep_last,
+            extra_weights={"phema": self.phema.state_dict()} if self.phema is not None else None,
         )
         log.info("saved %s", path)
 
@@ -267,6 +292,14 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return grad_norm.detach(), finite, stop
+
+    def _phema_update(self) -> None:
+        """Move the post-hoc EMA profiles to this step's time (images seen); a snapshot when due."""
+        self.phema.update(self.model, self.samples_seen, self.step)
+        ph = self.cfg.train.phema
+        if self.step % ph.snapshot_every == 0 or self.step == self.cfg.train.total_steps:
+            with self._timed("phema_snapshot"):  # I/O: out of the metric window
+                self.phema.write_snapshots(self.run_dir, ph.snapshot_dtype, write=self.rt.is_main)
 
     # ---------------------------------------------------------------- the loop
     def _open_source(self):
@@ -357,6 +390,8 @@ class Trainer:
             self.step += 1
             if self.step % cfg.train.ema_update_every == 0:
                 self.ema.update(self.model, cfg.train.ema_decay)
+            if self.phema is not None:
+                self._phema_update()
             if logger is not None:
                 logger.advance()
             if self.step == self.plan.step + 1:  # compile, allocator and pipeline warm-up: timed, not windowed
