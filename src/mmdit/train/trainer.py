@@ -23,6 +23,7 @@ from ..flow import cfg_dropout_keep, encoder_drop_probs, flow_loss, sample_times
 from ..model import MMDiT
 from ..model.flops import device_peak_flops, hardware_flops_per_image, train_flops_per_image
 from ..model.policy import compile_blocks, compile_enabled
+from ..precision import precision_of
 from . import checkpoint as ckpt
 from . import sharded_checkpoint as sharded
 from .balance import BalanceMonitor, RankBalance, balance_metrics, gather_balance
@@ -54,10 +55,8 @@ def weights_digest(model: torch.nn.Module) -> str:
 
 
 def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype:
-    precision = cfg.train.precision
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    """The forward's autocast dtype (one place decides every dtype: :mod:`mmdit.precision`)."""
+    return precision_of(cfg.train.precision, device, cfg.train.parallel).compute
 
 
 def run_dir_of(cfg: Config) -> Path:
@@ -100,7 +99,7 @@ class Trainer:
         if self.fsdp:  # torchtitan's order: checkpointing (in the blocks), compile, then shard
             if compiled:
                 compile_blocks(self.model)
-            self.parallel = ParallelModel(self.model, "fsdp", rt)
+            self.parallel = ParallelModel(self.model, "fsdp", rt, precision_of(cfg.train.precision, rt.device, "fsdp"))
             self.ema: EMA | ShardedEMA = ShardedEMA(self.model)
         else:
             self.ema = EMA(self.model)
