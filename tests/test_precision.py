@@ -11,6 +11,8 @@ with its own roundings, so gradients (and SGD updates, which are sums of gradien
 
 from __future__ import annotations
 
+import json
+import math
 import socket
 
 import pytest
@@ -140,3 +142,28 @@ def test_bf16_ddp_and_fsdp_train_like_fp32_within_bf16_bounds(ranks):
             continue
         assert max(rel_loss) < chain * U, (mode, rel_loss)
         assert 0 < rel_update < 2 * chain * U, (mode, rel_update)
+
+
+@pytest.mark.slow
+def test_fp32_training_with_bf16_encoders_trains_evaluates_and_samples(tiny_models, demo_data, tmp_path):
+    """train.precision=fp32 beside encoders.dtype=bf16 (the encoders' CUDA default): the training step, the
+    validation loss, the eval images and the validation samples all take the bf16 features (one process)."""
+    from test_trainer import train_once
+
+    run = tmp_path / "tiny_latent"
+    train_once([
+        f"encoders.text.0.name={tiny_models['gemma2']}", f"encoders.text.1.name={tiny_models['modernbert']}",
+        f"encoders.text.2.name={tiny_models['clip']}", f"encoders.vae={tiny_models['vae']}",
+        f"data.parquet_folder={demo_data['phase']}", f"data.bucket_indices_path={demo_data['index']}",
+        "data.batch_size=4", f"train.save_dir={tmp_path}", "train.log_every=1", "train.total_steps=2",
+        "encoders.dtype=bf16", "train.precision=fp32", "sample.num_steps=2",
+        "train.validate_every=2", "train.validation_prompts=[a red circle]", "train.validation_size=[32,32]",
+        f"eval.parquet_folder={demo_data['phase']}", f"eval.index={demo_data['index']}", "eval.loss_every=2",
+        "eval.images_every=2", "eval.image_metrics=[shapes]", "eval.num_images=2", "eval.loss_samples=4",
+        "eval.num_timesteps=2", "eval.batch_size=4", "eval.loss_weights=[ema]",
+    ])
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    logged = {k: v for r in rows for k, v in r.items()}
+    assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r) and "loss" in logged
+    assert any(k.startswith("val/") for k in logged) and any(k.startswith("eval/shapes/") for k in logged), logged
+    assert (run / "validation" / "step_00000002.png").exists()
