@@ -1,6 +1,7 @@
 """Attention over padded text: the FlexAttention block mask, backends against the reference, NaN safety,
 the once-per-forward plan, and trimming text to the batch."""
 
+import importlib.util
 import warnings
 
 import pytest
@@ -184,3 +185,31 @@ def test_trimming_the_condition_changes_no_output():
     x, t = torch.randn(3, 16, 8, 8), torch.rand(3)
     with torch.no_grad(), warnings.catch_warnings():
         torch.testing.assert_close(model(x, t, trimmed), model(x, t, cond), rtol=1e-5, atol=1e-6)
+
+
+def test_xformers_plan_packs_the_real_keys_without_a_dense_bias():
+    """xformers is not installed here: the plan (packed keys, per-sample key counts) is checked against the
+    masked reference by running the block-diagonal attention it describes, sample by sample."""
+    from mmdit.model.attention import PackedKeys, pack_for_varlen, xformers_attention
+
+    key_mask = random_key_mask(3, 40, 24, seed=3)
+    key_mask[1, :40] = False  # a sample with no text at all
+    attend, keys = plan_attention("xformers", key_mask)
+    assert attend is xformers_attention and isinstance(keys, PackedKeys)
+    assert keys.q_len == 64 and keys.kv_lengths == key_mask.sum(1).tolist()
+    assert [f for f in vars(keys).values() if isinstance(f, torch.Tensor)] == [keys.keep]  # O(B N), nothing else
+    assert plan_attention("xformers", torch.ones(3, 64, dtype=torch.bool)) == (xformers_attention, None)
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(3, 2, 64, 8, generator=g) for _ in range(3))
+    qp, kp, vp = pack_for_varlen(q, k, v, keys)
+    assert qp.shape == (1, 3 * 64, 2, 8) and kp.shape == vp.shape == (1, sum(keys.kv_lengths), 2, 8)
+    out, start = [], 0
+    for i, n in enumerate(keys.kv_lengths):  # what BlockDiagonalMask means: block i = sample i's queries x keys
+        qi = qp[:, 64 * i:64 * (i + 1)].transpose(1, 2)
+        ki, vi = (x[:, start:start + n].transpose(1, 2) for x in (kp, vp))
+        out.append(naive_attention(qi, ki, vi, None))
+        start += n
+    torch.testing.assert_close(torch.cat(out), naive_attention(q, k, v, key_mask), rtol=1e-5, atol=1e-6)
+    if importlib.util.find_spec("xformers") is None:
+        with pytest.raises(ModuleNotFoundError, match="xformers"):
+            keys.block_diagonal()

@@ -229,3 +229,26 @@ def test_caption_cache_gives_the_same_condition_as_encoding(text_encoders):
     small = CaptionCache(encoders.encode, size=1)
     small.encode(captions)
     assert len(small.entries) == 1
+
+
+@pytest.mark.parametrize("kind", ["pooled", "sequence"])
+def test_nan_at_a_padded_position_stays_out(tiny_dirs, kind):
+    """A half-precision encoder can overflow to NaN at a padded position (its outputs there are never
+    looked at by the encoder itself); the pooled mean of a non-CLIP pooled encoder and the zeroed padding of
+    a sequence encoder select the real tokens instead of multiplying by the mask (NaN x 0 = NaN)."""
+    cfg = EncodersConfig(text=[TextEncoderConfig(name=tiny_dirs["modernbert"], kind=kind, max_length=16)])
+    te = TextEncoders.from_config(cfg, "cpu")
+    clean = te.encode(CAPTIONS)
+
+    def overflow_at_padding(module, args, kwargs, out):
+        out.last_hidden_state[~kwargs["attention_mask"].bool()] = float("nan")
+
+    hook = te.encoders[0].model.register_forward_hook(overflow_at_padding, with_kwargs=True)
+    try:
+        poisoned = te.encode(CAPTIONS)
+    finally:
+        hook.remove()
+    got, want = (poisoned.pooled, clean.pooled) if kind == "pooled" else (poisoned.tokens[0], clean.tokens[0])
+    assert not te.encoders[0].tokenize(CAPTIONS, padding="longest")["attention_mask"].bool().all()  # padded
+    assert got.isfinite().all()
+    torch.testing.assert_close(got, want)

@@ -48,6 +48,7 @@ def runs(tiny_models, demo_data, tmp_path_factory) -> dict[str, Path]:
     run_ok(3, args("fsdp", 4, FSDP, LOADER, **{"train.save_every": 1}))
     run_ok(2, args("fsdp_half", 2, FSDP))
     run_ok(2, args("ddp_half", 2))
+    run_ok(2, args("fsdp_bf16", 4, FSDP, **{"train.precision": "bf16"}))  # bf16 weights gathered, autocast
     for name, source in (("fsdp_fsdp", "fsdp_half"), ("fsdp_ddp", "fsdp_half"), ("ddp_fsdp", "ddp_half")):
         shutil.copytree(root / source, root / name)
     run_ok(2, args("fsdp_fsdp", 4, FSDP, RESUME))
@@ -119,3 +120,17 @@ def test_fsdp_needs_a_process_group():
     check_parallel("ddp", distributed=False)
     with pytest.raises(ConfigError, match="train.parallel=fsdp needs a torchrun job"):
         check_parallel("fsdp", distributed=False)
+
+
+def test_bf16_fsdp_trains_like_fp32_ddp_within_bf16_bounds(runs):
+    """The trainer with train.precision=bf16 under FSDP (units gathered in bf16, autocast, fp32 reduction and
+    master weights) on the batches of the fp32 DDP run: the first loss is the same (the zero-initialised output
+    layer predicts 0 in any precision), the next ones within (4 depth + 2) u of fp32 (bf16's unit roundoff
+    u = 2^-8 through the chain of bf16 matmuls, tests/test_precision.py)."""
+    cfg = read_config(latest_checkpoint(runs["fsdp_bf16"]) / "config.yaml")
+    assert cfg.train.precision == "bf16" and cfg.train.parallel == "fsdp"
+    loss = {k: [json.loads(x)["loss"] for x in (runs[k] / "metrics.jsonl").read_text().splitlines()]
+            for k in ("ddp", "fsdp_bf16")}
+    rel = [abs(a - b) / b for a, b in zip(loss["fsdp_bf16"], loss["ddp"], strict=True)]
+    print("bf16 FSDP vs fp32 DDP, relative loss difference in u:", [f"{r / 2**-8:.3f}" for r in rel])
+    assert rel[0] < 1e-6 and 0 < max(rel) < (4 * cfg.model.depth + 2) * 2**-8, rel

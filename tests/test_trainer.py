@@ -54,6 +54,7 @@ def test_header_round_trip():
     # (length, width, real tokens) per encoder
     assert (h.step, h.batch, h.height, h.width, h.text_shapes, h.pooled_dim) == (
         7, 3, 4, 6, ((5, 48, 15), (9, 32, 27)), 24)
+    assert (h.latent_dtype, h.text_dtypes, h.pooled_dtype) == (torch.bfloat16, (torch.float32,) * 2, torch.float32)
 
 
 def test_warmup_then_cosine():

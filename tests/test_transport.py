@@ -17,18 +17,22 @@ import torch.multiprocessing as mp
 from mmdit.conditioning import TextCondition
 from mmdit.train.transport import Batch, recv_batch, send_batch, send_end
 
-# (text lengths per sequence encoder, text dtype, pooled width): trimmed lengths of every size
-CASES = [((16, 48), torch.float32, 24), ((1, 128), torch.bfloat16, 0), ((80,), torch.float16, 768),
-         ((128, 128, 7), torch.float32, 8)]
+F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
+# (text lengths per sequence encoder, their dtypes, pooled width, pooled dtype, latent dtype): trimmed lengths
+# of every size; encoders of different dtypes in one batch (a bf16 Gemma beside an fp32 ModernBERT, an fp16
+# CLIP, bf16 latents)
+CASES = [((16, 48), (F32, F32), 24, F32, F32), ((1, 128), (BF16, BF16), 0, F32, F32), ((80,), (F16,), 768, F16, F32),
+         ((128, 128, 7), (F32,) * 3, 8, F32, F32), ((16, 9, 33), (BF16, F32, F16), 24, F16, BF16),
+         ((5,), (F32,), 12, BF16, F16)]
 
 
-def make_batch(step: int, lengths, dtype, pooled: int) -> Batch:
+def make_batch(step: int, lengths, dtypes, pooled: int, pooled_dtype, latent_dtype) -> Batch:
     g = torch.Generator().manual_seed(step)
     b = 3
-    tokens = [torch.randn(b, n, 8 + i, generator=g).to(dtype) for i, n in enumerate(lengths)]
+    tokens = [torch.randn(b, n, 8 + i, generator=g).to(dtype) for i, (n, dtype) in enumerate(zip(lengths, dtypes))]
     masks = [torch.rand(b, n, generator=g) > 0.3 for n in lengths]
-    pooled_t = torch.randn(b, pooled, generator=g).to(dtype) if pooled else None
-    latents = torch.randn(b, 4, 2 + step, 5, generator=g)
+    pooled_t = torch.randn(b, pooled, generator=g).to(pooled_dtype) if pooled else None
+    latents = torch.randn(b, 4, 2 + step, 5, generator=g).to(latent_dtype)
     return Batch(step, torch.arange(b) + 100 * step, latents, TextCondition(tokens, masks, pooled_t), corrupt=step)
 
 
@@ -46,6 +50,7 @@ def _peer(rank: int, store_path: str) -> None:
                 got, want = recv_batch(0, None), make_batch(step, *case)
                 assert got.step == step and got.corrupt == step and got.stop_requested == (step == 2)
                 assert torch.equal(got.sample_ids, want.sample_ids) and torch.equal(got.latents, want.latents)
+                assert got.latents.dtype == want.latents.dtype
                 for a, b in zip(got.cond.masks, want.cond.masks, strict=True):
                     assert a.dtype == b.dtype and torch.equal(a, b)
                 for a, b, mask in zip(got.cond.tokens, want.cond.tokens, want.cond.masks, strict=True):
@@ -53,6 +58,7 @@ def _peer(rank: int, store_path: str) -> None:
                     assert a.dtype == b.dtype and torch.equal(a, torch.where(mask[..., None], b, 0))
                 assert (got.cond.pooled is None) == (want.cond.pooled is None)
                 if want.cond.pooled is not None:
+                    assert got.cond.pooled.dtype == want.cond.pooled.dtype
                     assert torch.equal(got.cond.pooled, want.cond.pooled)
             assert recv_batch(0, None) is None  # the end message
     finally:
@@ -62,7 +68,7 @@ def _peer(rank: int, store_path: str) -> None:
 def test_the_wire_carries_the_unpadded_payload():
     from mmdit.train.transport import HEADER_SIZE, _payload
 
-    batch = make_batch(0, (16, 48), torch.float32, 24)
+    batch = make_batch(0, *CASES[0])
     wire = 8 * HEADER_SIZE + sum(t.numel() * t.element_size() for t in _payload(batch))
     real = sum(int(m.sum()) * t.shape[2] * 4 for t, m in zip(batch.cond.tokens, batch.cond.masks))
     floor = batch.latents.numel() * 4 + real + batch.cond.pooled.numel() * 4 + batch.sample_ids.numel() * 8
@@ -80,7 +86,7 @@ def test_side_stream_copy_delivers_identical_tensors_on_the_device():
     from mmdit.train.batches import DeviceCopy
 
     device = torch.device("cuda")
-    host = make_batch(1, (16, 48), torch.bfloat16, 24)
+    host = make_batch(1, (16, 48), (BF16, F32), 24, BF16, F32)
     copied = DeviceCopy(device)(host)
     torch.cuda.current_stream().wait_event(copied.ready)
     assert copied.latents.is_cuda and torch.equal(copied.latents.cpu(), host.latents)

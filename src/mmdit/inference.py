@@ -27,8 +27,8 @@ batch, so with it images depend on the batching too.
 
 Frames (``return_frames=True``, gifs). After sampling step i the pipeline decodes, by default
 (``frame_mode="x0"``), the model's guided prediction of the clean image at the start of that step,
-x0_hat = x_i - t_i v(x_i, t_i): a sharpening picture of what the sampler is heading for. Every sampler
-ends with an Euler-type step to t = 0, so the last frame is the final image. ``frame_mode="state"`` decodes
+x0_hat = x_i - t_i v(x_i, t_i): a sharpening picture of what the sampler is heading for. The last frame
+is the final image itself (every sampler's last step ends at t = 0). ``frame_mode="state"`` decodes
 the noisy state x_{i+1} instead (from noise to the image). Either way there are ``num_steps`` frames.
 """
 

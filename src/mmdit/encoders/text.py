@@ -252,15 +252,20 @@ class LoadedTextEncoder:
                 if hasattr(out, "text_embeds"):
                     vec = out.text_embeds
                 else:  # mean over real tokens
-                    h = out.last_hidden_state
-                    w = mask.to(h.dtype)[..., None]
-                    vec = (h * w).sum(1) / w.sum(1).clamp_min(1.0)
+                    real = mask.bool()[..., None]
+                    vec = _real_only(out.last_hidden_state, real).sum(1) / real.sum(1).clamp_min(1)
             else:
-                vec = out.last_hidden_state * mask.to(out.last_hidden_state.dtype)[..., None]
+                vec = _real_only(out.last_hidden_state, mask.bool()[..., None])
         pad = self.max_length - mask.shape[1]
         if self.kind == "pooled":
             return vec.clone(), F.pad(mask.bool(), (0, pad))
         return F.pad(vec, (0, 0, 0, pad)), F.pad(mask.bool(), (0, pad))
+
+
+def _real_only(hidden: Tensor, real: Tensor) -> Tensor:
+    """Hidden states with padded positions set to zero by selection, not by a multiply: an fp16/bf16 encoder
+    can overflow to inf/NaN at a padded position, and NaN x 0 = NaN would poison a pooled mean."""
+    return torch.where(real, hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device))
 
 
 def load_text_encoder(

@@ -34,11 +34,10 @@ log = logging.getLogger(__name__)
 
 
 def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
-    """The training autocast dtype (``train.precision``; auto = bf16 on CUDA, fp32 on the CPU)."""
-    precision = cfg.train.precision
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    """The training autocast dtype (``train.precision``: :func:`mmdit.precision.compute_dtype`)."""
+    from ..precision import compute_dtype as of_precision
+
+    return of_precision(cfg.train.precision, device)
 
 
 class Evaluator:

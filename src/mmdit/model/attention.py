@@ -1,10 +1,11 @@
 """Attention backends over q, k, v [B, H, N, D] with a key mask [B, N] (True = attend to this token).
 
 Each backend turns the key mask into its own mask argument once per forward (``prepare``: a broadcast SDPA
-mask, a FlexAttention BlockMask, flash-attn's cumulative lengths), so no block builds masks or syncs with
-the host. ``auto`` (the default) decides once per forward in :func:`plan_attention`: SDPA without a mask when
-no text is padded (flash kernels), FlexAttention when it is on CUDA, masked SDPA on the CPU (which has no
-FlexAttention backward). ``flex`` forces FlexAttention. ``sdpa`` goes through
+mask, a FlexAttention BlockMask, flash-attn's cumulative lengths, xformers' packed keys with a block-diagonal
+mask), so no block builds masks or syncs with the host, and none builds a dense [B, H, N, N] bias. ``auto``
+(the default) decides once per forward in :func:`plan_attention`: SDPA without a mask when no text is padded
+(flash kernels), FlexAttention when it is on CUDA, masked SDPA on the CPU (which has no FlexAttention
+backward). ``flex`` forces FlexAttention. ``sdpa`` goes through
 ``torch.nn.functional.scaled_dot_product_attention`` (flash / cuDNN / memory-efficient kernels on CUDA, but
 not flash with a mask); ``naive`` is the readable reference; ``flash_attn`` and ``xformers`` use those packages
 when installed; ``cosine`` is linear attention with L2-normalised queries and keys.
@@ -95,22 +96,48 @@ def flash_attn_attention(q: Tensor, k: Tensor, v: Tensor, keys: Optional[VarlenK
     return out.reshape(b, n, h, d).transpose(1, 2)
 
 
-def xformers_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor]) -> Tensor:
-    """xformers memory-efficient attention with an additive bias for masked keys."""
+@dataclass
+class PackedKeys:
+    """xformers' varlen form of the padded keys, computed once per forward (one host sync): the batch is
+    packed into one sequence, the queries of every sample kept ([B * N]) and only the real keys gathered
+    (``keep``: flat indices into [B * N]); sample i's queries attend to its ``kv_lengths[i]`` keys through a
+    ``BlockDiagonalMask``, never a dense [B, H, N, N] bias."""
+
+    q_len: int
+    kv_lengths: list[int]
+    keep: Tensor
+    _bias: Any = None
+
+    def block_diagonal(self) -> Any:
+        """xformers' BlockDiagonalMask over the packed batch, built on first use (shared by every block)."""
+        if self._bias is None:
+            from xformers.ops.fmha.attn_bias import BlockDiagonalMask
+
+            self._bias = BlockDiagonalMask.from_seqlens([self.q_len] * len(self.kv_lengths), self.kv_lengths)
+        return self._bias
+
+
+def xformers_prepare(key_mask: Tensor, q_len: int) -> PackedKeys:
+    return PackedKeys(q_len, key_mask.sum(dim=1).tolist(), key_mask.flatten().nonzero().squeeze(1))
+
+
+def pack_for_varlen(q: Tensor, k: Tensor, v: Tensor, keys: PackedKeys) -> tuple[Tensor, Tensor, Tensor]:
+    """[B, H, N, D] -> [1, B * N, H, D] queries and [1, sum kv_lengths, H, D] real keys / values."""
+    b, h, n, d = q.shape
+    qt, kt, vt = (x.transpose(1, 2).reshape(1, b * n, h, d) for x in (q, k, v))
+    return qt, kt[:, keys.keep], vt[:, keys.keep]
+
+
+def xformers_attention(q: Tensor, k: Tensor, v: Tensor, keys: Optional[PackedKeys]) -> Tensor:
+    """xformers memory-efficient attention: dense without padding, else over the packed real keys with a
+    block-diagonal mask (memory O(B N), as the kernel intends)."""
     import xformers.ops as xops
 
-    bias = None
-    if key_mask is not None:
-        b, h, n, _ = q.shape
-        # xformers wants the bias's last dim padded to a multiple of 8, then sliced back
-        padded = (key_mask.shape[1] + 7) // 8 * 8
-        full = torch.zeros(b, h, n, padded, device=q.device, dtype=q.dtype)
-        full[..., : key_mask.shape[1]] = torch.zeros_like(key_mask, dtype=q.dtype).masked_fill(
-            ~key_mask, float("-inf")
-        )[:, None, None, :]
-        bias = full[..., : key_mask.shape[1]]
-    out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias)
-    return out.transpose(1, 2)
+    b, h, n, d = q.shape
+    if keys is None:
+        return xops.memory_efficient_attention(*(x.transpose(1, 2) for x in (q, k, v))).transpose(1, 2)
+    out = xops.memory_efficient_attention(*pack_for_varlen(q, k, v, keys), attn_bias=keys.block_diagonal())
+    return out.reshape(b, n, h, d).transpose(1, 2)
 
 
 @dataclass(frozen=True)
@@ -137,7 +164,7 @@ BACKENDS: dict[str, Backend] = {
     "naive": Backend("naive", naive_attention, _same),
     "cosine": Backend("cosine", cosine_attention, _same),
     "flash_attn": Backend("flash_attn", flash_attn_attention, flash_attn_prepare),
-    "xformers": Backend("xformers", xformers_attention, _same),
+    "xformers": Backend("xformers", xformers_attention, xformers_prepare),
 }
 
 

@@ -66,7 +66,8 @@ class TextInput(nn.Module):
         needs no gradient with respect to the [B, L, in_dim] tokens (frozen encoder features) to train w and
         s, only the weight gradient that the projection needs anyway.
         """
-        normed = F.rms_norm(tokens, self.norm.normalized_shape, None, self.norm.eps)
+        # encoders' dtype (bf16 on CUDA) may differ from the weights' (fp32, or bf16 under FSDP)
+        normed = F.rms_norm(tokens.to(self.proj.weight.dtype), self.norm.normalized_shape, None, self.norm.eps)
         return F.linear(normed, self.proj.weight * (self.norm.weight * self.scale), self.proj.bias)
 
 

@@ -115,7 +115,7 @@ class MMDiT(nn.Module, PyTorchModelHubMixin, library_name="mmdit", tags=["text-t
         if c != self.cfg.in_channels:
             raise ValueError(f"input has {c} channels, model.in_channels={self.cfg.in_channels}")
         grid_h, grid_w = h // p, w // p
-        img = self.patch_embed(patchify(x, p))
+        img = self.patch_embed(patchify(x, p).to(self.patch_embed.weight.dtype))  # FSDP: bf16 weights, fp32 x
         if self.cfg.pos_encoding == "absolute":
             pos = _cached(sincos_2d, grid_h, grid_w, self.cfg.dim, self.position_scale, x.device)
             img = img + pos.to(img.dtype)

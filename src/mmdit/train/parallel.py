@@ -5,9 +5,10 @@ FSDP2 is applied as torchtitan does: activation checkpointing is already inside 
 model's policy), then regional compilation of every block (``train.compile``), then ``fully_shard`` of each
 JointBlock (one unit: its parameters are all-gathered just before its forward and freed after it) and the
 root last (embedders and the output layer). The mesh is built from ``rt.model_group``: loader ranks hold no
-part of the model and are not in it. Mixed precision: on CUDA the unit is gathered in bf16 and gradients
-are reduced in fp32 (the sharded master weights and AdamW stay fp32); on the CPU both are fp32 (bf16
-matmuls there are slow, and the fp32 path is what the DDP-vs-FSDP equality tests compare).
+part of the model and are not in it. Mixed precision follows ``train.precision`` (:mod:`mmdit.precision`):
+bf16 gathers each unit in bf16 and reduces gradients in fp32 (the sharded master weights and AdamW stay
+fp32), fp32 keeps everything fp32 (auto: bf16 on CUDA, fp32 on the CPU). Forward inputs are never cast:
+the timestep and RoPE angles stay fp32.
 
 The optimizer must be built after wrapping: FSDP2 replaces each parameter with a sharded ``DTensor``.
 """
@@ -23,6 +24,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..config import ConfigError
 from ..model.blocks import JointBlock
+from ..precision import Precision, precision_of
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +36,14 @@ def check_parallel(parallel: str, distributed: bool) -> None:
                           "one process holds the whole model anyway: use train.parallel=ddp")
 
 
-def mixed_precision(device: torch.device, param_dtype: Optional[torch.dtype] = None):
-    """bf16 parameters in compute with fp32 gradient reduction on CUDA; fp32 throughout on the CPU."""
+def mixed_precision(precision: Precision):
+    """FSDP2's policy for ``precision``: gather in its parameter dtype, reduce in its reduce dtype, and leave
+    forward inputs alone (``cast_forward_inputs=False``): a cast would round the timestep and the RoPE angles
+    that the root hands to every block; the model casts its activations' inputs itself."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    if param_dtype is None:
-        param_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy(param_dtype=precision.params, reduce_dtype=precision.reduce,
+                                cast_forward_inputs=False)
 
 
 def model_mesh(model_group, device: torch.device):
@@ -119,9 +122,11 @@ class ParallelModel:
     ``fsdp``: the model sharded in place (see the module docstring). FSDP2 cannot shard 0-d parameters
     (the learnable time and text scales): they stay replicated plain tensors outside FSDP, and their
     gradients are averaged over the model ranks here, as DDP would. Build the optimizer and EMA after this.
+    ``precision`` (:func:`mmdit.precision.precision_of`, FSDP only: DDP's weights and reduction are fp32 and
+    autocast is the caller's) defaults to ``train.precision=auto``.
     """
 
-    def __init__(self, model: nn.Module, parallel: str, rt):
+    def __init__(self, model: nn.Module, parallel: str, rt, precision: Optional[Precision] = None):
         self.model, self.kind = model, parallel
         self.group = rt.model_group if rt.distributed else None
         self.num_ranks = rt.num_model_ranks
@@ -130,7 +135,8 @@ class ParallelModel:
         if parallel == "fsdp":
             check_parallel(parallel, rt.distributed)
             self.replicated = [p for p in model.parameters() if p.dim() == 0]
-            shard_model(model, model_mesh(rt.model_group, rt.device), mixed_precision(rt.device),
+            precision = precision or precision_of("auto", rt.device, "fsdp")
+            shard_model(model, model_mesh(rt.model_group, rt.device), mixed_precision(precision),
                         ignored=set(self.replicated))
         elif rt.distributed and rt.num_model_ranks > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP

@@ -26,6 +26,7 @@ from ..model import MMDiT
 from ..model.flops import batch_train_flops, device_peak_flops, skips_padded_keys
 from ..model.policy import compile_blocks, compile_enabled
 from ..model.routing import route_generator, route_indices
+from ..precision import precision_of
 from . import checkpoint as ckpt
 from . import hyperparams
 from . import sharded_checkpoint as sharded
@@ -60,10 +61,8 @@ def weights_digest(model: torch.nn.Module) -> str:
 
 
 def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype:
-    precision = cfg.train.precision
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    """The forward's autocast dtype (one place decides every dtype: :mod:`mmdit.precision`)."""
+    return precision_of(cfg.train.precision, device, cfg.train.parallel).compute
 
 
 def run_dir_of(cfg: Config) -> Path:
@@ -106,7 +105,7 @@ class Trainer:
         if self.fsdp:  # torchtitan's order: checkpointing (in the blocks), compile, then shard
             if compiled:
                 compile_blocks(self.model)
-            self.parallel = ParallelModel(self.model, "fsdp", rt)
+            self.parallel = ParallelModel(self.model, "fsdp", rt, precision_of(cfg.train.precision, rt.device, "fsdp"))
             self.ema: EMA | ShardedEMA = ShardedEMA(self.model)
         else:
             self.ema = EMA(self.model)

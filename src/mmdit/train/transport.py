@@ -34,7 +34,8 @@ from ..conditioning import TextCondition
 MAGIC = 0x4D4D4454  # "MMDT"
 MAX_ENCODERS = 4
 _FIXED = 13
-HEADER_SIZE = _FIXED + 3 * MAX_ENCODERS
+_PER_ENCODER = 4  # length, width, real tokens, dtype
+HEADER_SIZE = _FIXED + _PER_ENCODER * MAX_ENCODERS
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 FLAG_STOP_REQUESTED = 1  # the loader that sent this batch was asked to stop
 FLAG_END = 2  # no batch follows this header: the loader is done
@@ -71,15 +72,19 @@ class Batch:
 
 @dataclass(frozen=True)
 class Header:
+    """What the tensors after it are: shapes and one dtype per tensor (encoders may differ in dtype: an fp32
+    CLIP beside a bf16 Gemma), in a fixed number of int64s."""
+
     step: int
     batch: int
     channels: int
     height: int
     width: int
     latent_dtype: torch.dtype
-    text_dtype: torch.dtype
     text_shapes: tuple[tuple[int, int, int], ...]  # (length, width, real tokens in the batch) per sequence encoder
+    text_dtypes: tuple[torch.dtype, ...]  # per sequence encoder
     pooled_dim: int  # 0 = none
+    pooled_dtype: torch.dtype
     corrupt: int
     flags: int = 0  # FLAG_* bits
     loader_busy: float = 0.0  # fraction of recent time the loader spent building batches (not waiting)
@@ -88,11 +93,11 @@ class Header:
         h = torch.zeros(HEADER_SIZE, dtype=torch.int64)
         h[:_FIXED] = torch.tensor([
             MAGIC, self.step, self.batch, self.channels, self.height, self.width,
-            DTYPES.index(self.latent_dtype), DTYPES.index(self.text_dtype), len(self.text_shapes),
+            DTYPES.index(self.latent_dtype), DTYPES.index(self.pooled_dtype), len(self.text_shapes),
             self.pooled_dim, self.corrupt, self.flags, round(1000 * self.loader_busy),
         ])
-        for i, shape in enumerate(self.text_shapes):
-            h[_FIXED + 3 * i:_FIXED + 3 * i + 3] = torch.tensor(shape)
+        for i, (shape, dtype) in enumerate(zip(self.text_shapes, self.text_dtypes, strict=True)):
+            h[_FIXED + _PER_ENCODER * i:_FIXED + _PER_ENCODER * (i + 1)] = torch.tensor([*shape, DTYPES.index(dtype)])
         return h
 
     @staticmethod
@@ -100,10 +105,9 @@ class Header:
         v = h.tolist()
         if v[0] != MAGIC:
             raise RuntimeError(f"data message header has magic {v[0]:#x}, expected {MAGIC:#x}: ranks out of step")
-        n = v[8]
-        shapes = tuple(tuple(v[_FIXED + 3 * i:_FIXED + 3 * i + 3]) for i in range(n))
-        return Header(v[1], v[2], v[3], v[4], v[5], DTYPES[v[6]], DTYPES[v[7]], shapes, v[9], v[10], v[11],
-                      v[12] / 1000)
+        slots = [v[_FIXED + _PER_ENCODER * i:_FIXED + _PER_ENCODER * (i + 1)] for i in range(v[8])]
+        return Header(v[1], v[2], v[3], v[4], v[5], DTYPES[v[6]], tuple(tuple(s[:3]) for s in slots),
+                      tuple(DTYPES[s[3]] for s in slots), v[9], DTYPES[v[7]], v[10], v[11], v[12] / 1000)
 
 
 def header_of(batch: Batch, flags: int = 0, loader_busy: float = 0.0) -> Header:
@@ -111,9 +115,11 @@ def header_of(batch: Batch, flags: int = 0, loader_busy: float = 0.0) -> Header:
     if len(cond.tokens) > MAX_ENCODERS:
         raise ValueError(f"at most {MAX_ENCODERS} sequence encoders can be streamed, got {len(cond.tokens)}")
     b, c, h, w = batch.latents.shape
-    return Header(batch.step, b, c, h, w, batch.latents.dtype, cond.tokens[0].dtype,
+    pooled = cond.pooled
+    return Header(batch.step, b, c, h, w, batch.latents.dtype,
                   tuple((t.shape[1], t.shape[2], int(m.sum())) for t, m in zip(cond.tokens, cond.masks)),
-                  0 if cond.pooled is None else cond.pooled.shape[1], batch.corrupt, flags, loader_busy)
+                  tuple(t.dtype for t in cond.tokens), 0 if pooled is None else pooled.shape[1],
+                  torch.float32 if pooled is None else pooled.dtype, batch.corrupt, flags, loader_busy)
 
 
 def _payload(batch: Batch) -> list[Tensor]:
@@ -153,7 +159,7 @@ def send_batch(batch: Batch, dst: int, group: dist.ProcessGroup, stop_requested:
 
 def send_end(step: int, dst: int, group: dist.ProcessGroup) -> dist.Work:
     """The end message: a header with ``FLAG_END`` and nothing after it (returns the send's handle)."""
-    end = Header(step, 0, 0, 0, 0, torch.float32, torch.float32, (), 0, 0, FLAG_END)
+    end = Header(step, 0, 0, 0, 0, torch.float32, (), (), 0, torch.float32, 0, FLAG_END)
     return dist.isend(end.encode(), dst=dst, group=group)
 
 
@@ -166,10 +172,10 @@ def recv_batch(src: int, group: dist.ProcessGroup) -> Batch | None:
         return None
     pin = torch.cuda.is_available()  # pinned buffers make the model rank's copy to the GPU asynchronous
     shapes = [((h.batch,), torch.int64), ((h.batch, h.channels, h.height, h.width), h.latent_dtype)]
-    for length, width, real in h.text_shapes:
-        shapes += [((h.batch, length), torch.uint8), ((real, width), h.text_dtype)]
+    for (length, width, real), dtype in zip(h.text_shapes, h.text_dtypes):
+        shapes += [((h.batch, length), torch.uint8), ((real, width), dtype)]
     if h.pooled_dim:
-        shapes.append(((h.batch, h.pooled_dim), h.text_dtype))
+        shapes.append(((h.batch, h.pooled_dim), h.pooled_dtype))
     buffers = [torch.empty(shape, dtype=dtype, pin_memory=pin) for shape, dtype in shapes]
     works = [dist.irecv(buf, src=src, group=group) for buf in buffers]
     for work in works:
@@ -177,8 +183,8 @@ def recv_batch(src: int, group: dist.ProcessGroup) -> Batch | None:
     n = len(h.text_shapes)
     masks = [buffers[2 + 2 * i].view(torch.bool) for i in range(n)]  # 0/1 bytes: a view, still pinned
     tokens = []
-    for i, (length, width, _) in enumerate(h.text_shapes):  # padded again here; padded slots hold zeros
-        padded = torch.zeros((h.batch, length, width), dtype=h.text_dtype, pin_memory=pin)
+    for i, ((length, width, _), dtype) in enumerate(zip(h.text_shapes, h.text_dtypes)):  # padded again here
+        padded = torch.zeros((h.batch, length, width), dtype=dtype, pin_memory=pin)  # padded slots hold zeros
         padded[masks[i]] = buffers[3 + 2 * i]
         tokens.append(padded)
     pooled = buffers[2 + 2 * n] if h.pooled_dim else None
