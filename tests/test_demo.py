@@ -11,11 +11,19 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _tracked_state() -> str:
+    """The bytes of what a demo must not touch: README.md and every file of selected_images/."""
+    paths = [ROOT / "README.md", *sorted((ROOT / "selected_images").glob("*"))]
+    return "".join(f"{p.name}:{hash(p.read_bytes())}\n" for p in paths if p.is_file())
+
+
 def test_quick_demo_writes_images_gif_curves_scores_and_tables(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    before = _tracked_state()
     result = subprocess.run([sys.executable, "-m", "mmdit", "demo", "--quick", "--out", str(tmp_path)],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert _tracked_state() == before  # the checkout stays clean: only --publish writes README/selected_images
     images = tmp_path / "images"
     for name in ("demo_seen.png", "demo_held_out.png", "demo_curves.png"):
         assert Image.open(images / name).size[0] > 0
@@ -35,7 +43,23 @@ def test_quick_demo_writes_images_gif_curves_scores_and_tables(tmp_path):
     assert "| 6 |" in tables and "| 12 |" in tables and "held out, small" in tables
     out = result.stdout
     assert "in-loop evaluation" in out and "val loss (EMA)" in out and "held out (never in the data)" in out
-    assert "README.md" not in out  # only a run writing to selected_images/ rewrites the README
+    assert "README.md" not in out and "published" not in out  # only --publish rewrites the README
+    assert f"images, gif, curves and scores: {images}" in out  # says where it wrote
+
+
+def test_publish_copies_pictures_and_rewrites_the_tables(tmp_path):
+    from mmdit.demo import README_BEGIN, README_END, publish
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "demo_seen.png").write_bytes(b"png")
+    (run / "demo_scores.json").write_text("{}")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{README_BEGIN}\nold\n{README_END}\n")
+    publish(run, "| new |\n", target=tmp_path / "selected", readme=readme)
+    assert (tmp_path / "selected" / "demo_seen.png").read_bytes() == b"png"
+    assert (tmp_path / "selected" / "demo_scores.json").is_file()
+    assert "| new |" in readme.read_text() and "old" not in readme.read_text()
 
 
 def test_demo_images_are_near_square_and_share_the_32px_bucket():
