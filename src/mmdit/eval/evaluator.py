@@ -56,8 +56,8 @@ class Evaluator:
         self.loss_chunks = [self._encode(c, encoders, latents=True) for c in self._mine(cfg.eval.loss_samples)]
         self.image_chunks = [self._encode(c, encoders, latents=False) for c in self._mine(cfg.eval.num_images)]
         del encoders
-        self._dino = self._clip = None
-        self.real_stats: Optional[FeatureStats] = None
+        self._dino = self._clip = self._effnet = None
+        self.real_stats: dict[str, FeatureStats] = {}
         self.last_grid = None
         log.info("eval set %s: %d loss / %d image chunks on model index %d, encoded in %.1fs",
                  self.eval_set.path, len(self.loss_chunks), len(self.image_chunks), model_index,
@@ -124,39 +124,48 @@ class Evaluator:
                                 shift=sampling_shift(self.cfg, chunk.height, chunk.width))
         return to_uint8(self.codec.decode(x0))
 
-    def _stats_path(self) -> Path:
+    def _effnet_extractor(self):
+        from .effnet_lite0 import EffNetLite0Features
+
+        if self._effnet is None:
+            self._effnet = EffNetLite0Features(self.cfg.eval.effnet, self.device)
+        return self._effnet
+
+    def _stats_path(self, extractor: str) -> Path:
         ids = np.concatenate([c.ids for c in self.eval_set.chunks(self.cfg.eval.num_images)])
         digest = hashlib.sha256(ids.tobytes() + self.eval_set.path.read_bytes()[:1 << 20]).hexdigest()[:12]
-        name = self.cfg.eval.dino.strip("/").replace("/", "--")[-60:]
+        name = extractor.strip("/").replace("/", "--")[-60:]
         return Path(self.cfg.eval.parquet_folder) / "eval_stats" / f"{name}_{len(ids)}_{digest}.safetensors"
 
-    def _real_stats(self, dino) -> FeatureStats:
-        """DINOv2 statistics of the eval set's real images: computed once (split over ranks), cached beside it."""
-        if self.real_stats is not None:
-            return self.real_stats
-        path = self._stats_path()
+    def _real_stats(self, features, extractor: str) -> FeatureStats:
+        """Feature statistics of the eval set's real images under ``features`` (named ``extractor``): computed
+        once (split over ranks), cached beside the eval set."""
+        if extractor in self.real_stats:
+            return self.real_stats[extractor]
+        path = self._stats_path(extractor)
         if path.is_file():
-            self.real_stats = FeatureStats.load(path)[0]
-            return self.real_stats
+            self.real_stats[extractor] = FeatureStats.load(path)[0]
+            return self.real_stats[extractor]
         local = {}
         for chunk, _, _, _ in self.image_chunks:
             ids, images, _ = self.eval_set.read(chunk)
             if len(ids):
-                local[chunk.number] = dino(images)
+                local[chunk.number] = features(images)
         feats = gather_by_chunk(local, self.group, self.num_ranks)
-        self.real_stats = FeatureStats.of(torch.cat([feats[n] for n in sorted(feats)]))
+        stats = self.real_stats[extractor] = FeatureStats.of(torch.cat([feats[n] for n in sorted(feats)]))
         if self.model_index == 0:
-            self.real_stats.save(path, {"extractor": self.cfg.eval.dino, "eval_set": str(self.eval_set.path)})
+            stats.save(path, {"extractor": extractor, "eval_set": str(self.eval_set.path)})
             log.info("cached real-image statistics in %s", path)
-        return self.real_stats
+        return stats
 
     def image_metrics(self, model: torch.nn.Module, step: int, out_dir: Optional[Path] = None) -> dict[str, float]:
         """``eval.image_metrics`` of generated images: ``eval/fd_dinov2``, ``eval/clip_score``,
-        ``eval/shapes/<attribute>``; a grid to ``out_dir`` (first rank)."""
+        ``eval/shapes/<attribute>``, ``eval/fd_effnet_lite0``; a grid to ``out_dir`` (first rank)."""
         wanted = self.cfg.eval.image_metrics
         dino = clip = None
         if "fd_dinov2" in wanted or "clip_score" in wanted:
             dino, clip = self._extractors()
+        effnet = self._effnet_extractor() if "fd_effnet_lite0" in wanted else None
         was_training = model.training
         model.eval()
         local, shown = {}, []
@@ -168,6 +177,7 @@ class Evaluator:
                 "dino": dino(images) if "fd_dinov2" in wanted else None,
                 "clip": (clip.images(images), clip.texts(captions)) if "clip_score" in wanted else None,
                 "shapes": shape_checks(images, captions) if "shapes" in wanted else None,
+                "effnet": effnet(images) if effnet is not None else None,
             }
             shown.extend(to_pil(images)[: max(0, self.cfg.eval.grid_images - len(shown))])
         model.train(was_training)
@@ -176,7 +186,10 @@ class Evaluator:
         values = {}
         if "fd_dinov2" in wanted:
             fake = FeatureStats.of(torch.cat([p["dino"] for p in parts]))
-            values["eval/fd_dinov2"] = frechet_distance(fake, self._real_stats(dino))
+            values["eval/fd_dinov2"] = frechet_distance(fake, self._real_stats(dino, self.cfg.eval.dino))
+        if effnet is not None:
+            fake = FeatureStats.of(torch.cat([p["effnet"] for p in parts]))
+            values["eval/fd_effnet_lite0"] = frechet_distance(fake, self._real_stats(effnet, "effnet-lite0"))
         if "clip_score" in wanted:
             values["eval/clip_score"] = clip_score(torch.cat([p["clip"][0] for p in parts]),
                                                    torch.cat([p["clip"][1] for p in parts]))
