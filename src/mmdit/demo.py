@@ -112,8 +112,8 @@ def eval_overrides(eval_phase: Path, recipe: dict) -> list[str]:
             "eval.batch_size=48", "eval.grid_images=16"]
 
 
-def train(out: Path, phase: Path, index: Path, steps: int, batch: int, extra: list[str]) -> Path:
-    """torchrun with 2 processes: rank 0 loads (decode + MiniLM), rank 1 trains."""
+def train(out: Path, phase: Path, index: Path, steps: int, batch: int, extra: list[str], config: str = "tiny") -> Path:
+    """torchrun with 2 processes: rank 0 loads (decode + MiniLM, or reads a cache), rank 1 trains."""
     overrides = [
         f"data.parquet_folder={phase}", f"data.bucket_indices_path={index}", f"data.batch_size={batch}",
         f"train.save_dir={out / 'models'}", f"train.total_steps={steps}", f"train.save_every={max(steps // 2, 1)}",
@@ -121,10 +121,10 @@ def train(out: Path, phase: Path, index: Path, steps: int, batch: int, extra: li
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-           str(REPO_ROOT / "src" / "train.py"), "--config", "tiny", *overrides]
+           str(REPO_ROOT / "src" / "train.py"), "--config", config, *overrides]
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, env=env, cwd=REPO_ROOT)
-    return out / "models" / "tiny"
+    return out / "models" / load_config(config).train.run_name
 
 
 def eval_curve(run_dir: Path) -> list[dict]:
@@ -256,6 +256,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", choices=("shapes", "emoji"), default="shapes",
                         help="shapes (pixel space, drawn shapes) or emoji (real images, TAEF2 latents)")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
+    parser.add_argument("--taef2", default=None, help="emoji: folder with taef2_encoder.pth + taef2_decoder.pth "
+                        "(default: ../shared/assets/taef2)")
+    parser.add_argument("--emoji_source", default=None, help="emoji: an unpacked emoji-datasource-google package/ "
+                        "folder (default: fetched once with npm into ~/.cache/mmdit)")
     parser.add_argument("overrides", nargs="*", help="extra training config overrides")
     args = parser.parse_args(argv)
     if args.data == "emoji":
