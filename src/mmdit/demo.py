@@ -263,9 +263,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="extra training config overrides")
     args = parser.parse_args(argv)
     if args.data == "emoji":
-        from .demo_emoji import run_emoji_demo
+        from .data.emoji import EmojiSourceError
+        from .demo_emoji import MissingAssetError, run_emoji_demo
 
-        run_emoji_demo(args)
+        try:
+            run_emoji_demo(args)
+        except (MissingAssetError, EmojiSourceError) as err:
+            raise SystemExit(f"error: {err}") from None
         return
     recipe = dict(QUICK if args.quick else FULL)
     if args.steps:
