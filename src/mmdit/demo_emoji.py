@@ -224,7 +224,10 @@ def run_emoji_demo(args) -> None:
                   f"eval.num_images={recipe['num_images']}", "eval.loss_weights=[ema,model]", "eval.batch_size=48",
                   "eval.grid_images=16"]
     run_dir = train(out, out / "phase", out / "phase" / "bucket_indices.npz", recipe["steps"], recipe["batch"],
-                    base + ["data.source=cache", f"data.cache_dir={cache}"] + evaluation + args.overrides,
+                    # the loader's end-of-run receive is one blocking gloo recv that dies at topology.timeout_s
+                    # (30 min by default): a contended 2-core host can take longer than that for this demo
+                    base + ["data.source=cache", f"data.cache_dir={cache}", "topology.timeout_s=14400"] + evaluation
+                    + args.overrides,
                     config="emoji")
     print(f"    {time.perf_counter() - t:.1f}s")
     t = _step("sample from the EMA weights (decoded by TAEF2): seen and held-out captions, the denoising gif")
