@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_CONSTRAINT := $(VENV)/torch-constraint.txt
 
-.PHONY: setup test demo lint clean-demo
+.PHONY: setup test demo demo-emoji lint clean-demo
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,8 +23,12 @@ setup: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
+# both write under demo_out/ only; maintainers add --publish (selected_images/ + README tables): make demo ARGS=--publish
 demo: $(STAMP)
-	$(BIN)/python -m mmdit demo
+	$(BIN)/python -m mmdit demo $(ARGS)
+
+demo-emoji: $(STAMP)
+	$(BIN)/python -m mmdit demo --data emoji $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src data tests bench infer.py

@@ -11,11 +11,19 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _tracked_state() -> str:
+    """The bytes of what a demo must not touch: README.md and every file of selected_images/."""
+    paths = [ROOT / "README.md", *sorted((ROOT / "selected_images").glob("*"))]
+    return "".join(f"{p.name}:{hash(p.read_bytes())}\n" for p in paths if p.is_file())
+
+
 def test_quick_demo_writes_images_gif_curves_scores_and_tables(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    before = _tracked_state()
     result = subprocess.run([sys.executable, "-m", "mmdit", "demo", "--quick", "--out", str(tmp_path)],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert _tracked_state() == before  # the checkout stays clean: only --publish writes README/selected_images
     images = tmp_path / "images"
     for name in ("demo_seen.png", "demo_held_out.png", "demo_curves.png"):
         assert Image.open(images / name).size[0] > 0
@@ -35,7 +43,23 @@ def test_quick_demo_writes_images_gif_curves_scores_and_tables(tmp_path):
     assert "| 6 |" in tables and "| 12 |" in tables and "held out, small" in tables
     out = result.stdout
     assert "in-loop evaluation" in out and "val loss (EMA)" in out and "held out (never in the data)" in out
-    assert "README.md" not in out  # only a run writing to selected_images/ rewrites the README
+    assert "README.md" not in out and "published" not in out  # only --publish rewrites the README
+    assert f"images, gif, curves and scores: {images}" in out  # says where it wrote
+
+
+def test_publish_copies_pictures_and_rewrites_the_tables(tmp_path):
+    from mmdit.demo import README_BEGIN, README_END, publish
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "demo_seen.png").write_bytes(b"png")
+    (run / "demo_scores.json").write_text("{}")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{README_BEGIN}\nold\n{README_END}\n")
+    publish(run, "| new |\n", target=tmp_path / "selected", readme=readme)
+    assert (tmp_path / "selected" / "demo_seen.png").read_bytes() == b"png"
+    assert (tmp_path / "selected" / "demo_scores.json").is_file()
+    assert "| new |" in readme.read_text() and "old" not in readme.read_text()
 
 
 def test_demo_images_are_near_square_and_share_the_32px_bucket():
@@ -83,3 +107,46 @@ def test_prompt_sets_cover_every_background_size_and_combination():
     assert held == {(c, s, b, z) for c, s in DEFAULT_HOLDOUT for b in BACKGROUNDS for z in SIZES}
     for attrs in sets["seen"] + sets["held_out"]:  # the caption spells what the scorer will check
         assert expected_from_text(caption(attrs)) == attrs
+
+
+def test_emoji_demo_names_a_missing_asset_and_how_to_get_it(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "mmdit", "demo", "--data", "emoji", "--quick", "--out",
+                             str(tmp_path), "--taef2", str(tmp_path / "no-taef2")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "TAEF2 weights" in result.stderr and "taef2_encoder.pth" in result.stderr
+    assert "github.com/madebyollin/taesd" in result.stderr and "--taef2" in result.stderr
+    assert "Traceback" not in result.stderr and not any(tmp_path.iterdir())  # refused before any work
+
+
+def test_quick_emoji_demo_writes_grids_gif_curves_and_fd(tmp_path):
+    """The real-image demo's pipeline end to end on 120 emoji (skipped without TAEF2 or the emoji package)."""
+    import pytest
+
+    from mmdit.data.emoji import EmojiSourceError, fetch_package
+    from mmdit.demo_emoji import TAEF2_DEFAULT
+    from mmdit.encoders.tiny_autoencoder import weight_files
+
+    if not TAEF2_DEFAULT.is_dir() or weight_files(TAEF2_DEFAULT) is None:
+        pytest.skip(f"TAEF2 weights not found in {TAEF2_DEFAULT} (see ../shared/assets/README.md)")
+    try:
+        fetch_package()
+    except EmojiSourceError as err:
+        pytest.skip(f"the emoji package could not be fetched: {err}")
+    before = _tracked_state()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "mmdit", "demo", "--data", "emoji", "--quick", "--out",
+                             str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert _tracked_state() == before
+    images = tmp_path / "emoji" / "images"
+    for name in ("emoji_seen.png", "emoji_held_out.png", "emoji_curves.png"):
+        assert Image.open(images / name).size[0] > 0
+    assert Image.open(images / "emoji_held_out.png").size == (2 * (4 * 64 + 3 * 2), 2 * (4 * 64 + 3 * 2))
+    assert Image.open(images / "emoji_denoising.gif").n_frames >= 1
+    scores = json.loads((images / "emoji_scores.json").read_text())
+    final, steps = scores["final"], {row["step"]: row for row in scores["in_loop"]}
+    assert sorted(steps) == [8, 16] and steps[16]["eval/fd_effnet_lite0"] > 0 and steps[8]["val/ema/loss"] > 0
+    assert len(final["held_out_captions"]) == 8 and final["fd_effnet_lite0_real_vs_real"] > 0
+    assert "| 16 |" in (images / "emoji_tables.md").read_text()
+    assert f"images, gif, curves and scores: {images}" in result.stdout

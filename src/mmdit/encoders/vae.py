@@ -243,7 +243,9 @@ def make_codec(
     sample: bool = True,
     chunk: int = 0,
 ) -> ImageCodec:
-    """``cfg.vae`` empty -> :class:`PixelCodec`, else :class:`VAECodec` from that name/folder (+ ``vae_subfolder``).
+    """``cfg.vae`` empty -> :class:`PixelCodec`; a TAESD-family tiny autoencoder (a ``*encoder.pth`` /
+    ``*decoder.pth`` folder, or an ``AutoencoderTiny`` config) -> :class:`~.tiny_codec.TinyAECodec`; else
+    :class:`VAECodec` from that name/folder (+ ``vae_subfolder``).
 
     ``dtype`` overrides ``cfg.dtype`` (auto = bf16 on CUDA, fp32 on CPU).
     """
@@ -251,7 +253,11 @@ def make_codec(
     if not cfg.vae:
         # pixels stay fp32 whatever the encoder dtype: cheap, and uint8 -> float -> uint8 stays exact
         return PixelCodec(device=device, dtype=torch.float32)
-    return VAECodec.from_pretrained(
+    from .tiny_codec import TinyAECodec, tiny_autoencoder_kind
+
+    kind = tiny_autoencoder_kind(cfg.vae, cfg.vae_subfolder)
+    codec_class = TinyAECodec if kind else VAECodec
+    return codec_class.from_pretrained(
         cfg.vae, subfolder=cfg.vae_subfolder, device=device, dtype=torch_dtype, sample=sample, chunk=chunk,
-        compile_backend=cfg.compile_backend if cfg.compile else "",
+        compile_backend=cfg.compile_backend if cfg.compile else "", **({"kind": kind} if kind else {}),
     )

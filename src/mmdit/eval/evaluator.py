@@ -56,8 +56,8 @@ class Evaluator:
         self.loss_chunks = [self._encode(c, encoders, latents=True) for c in self._mine(cfg.eval.loss_samples)]
         self.image_chunks = [self._encode(c, encoders, latents=False) for c in self._mine(cfg.eval.num_images)]
         del encoders
-        self._dino = self._clip = None
-        self.real_stats: Optional[FeatureStats] = None
+        self._dino = self._clip = self._effnet = None
+        self.real_stats: dict[str, FeatureStats] = {}  # by FD kind (fd_dinov2, fd_effnet_lite0)
         self.real_clip: Optional[torch.Tensor] = None  # the eval set's CLIP image embeddings (CMMD)
         self._warned = False  # the FD rank warning, once per evaluator
         self.last_grid = None
@@ -141,19 +141,27 @@ class Evaluator:
         feats = gather_by_chunk(local, self.group, self.num_ranks)
         return torch.cat([feats[n] for n in sorted(feats)])
 
-    def _real_stats(self, dino) -> FeatureStats:
-        """DINOv2 statistics of the eval set's real images: computed once (split over ranks), cached beside it."""
-        if self.real_stats is not None:
-            return self.real_stats
-        path, key = self._real_path("fd", dino.recipe())
+    def _effnet_extractor(self):
+        from .effnet_lite0 import EffNetLite0Features
+
+        if self._effnet is None:
+            self._effnet = EffNetLite0Features(self.cfg.eval.effnet, self.device)
+        return self._effnet
+
+    def _real_stats(self, features, kind: str) -> FeatureStats:
+        """Statistics of the eval set's real images under ``features`` (FD ``kind``): computed once (split over
+        ranks), cached beside the eval set under a key of everything that changes the features."""
+        if kind in self.real_stats:
+            return self.real_stats[kind]
+        path, key = self._real_path(kind, features.recipe())
         if path.is_file():
-            self.real_stats = FeatureStats.load(path)[0]
-            return self.real_stats
-        self.real_stats = FeatureStats.of(self._real_features(dino))
+            self.real_stats[kind] = FeatureStats.load(path)[0]
+            return self.real_stats[kind]
+        stats = self.real_stats[kind] = FeatureStats.of(self._real_features(features))
         if self.model_index == 0:
-            self.real_stats.save(path, key)
+            stats.save(path, key)
             log.info("cached real-image statistics in %s", path)
-        return self.real_stats
+        return stats
 
     def _real_clip(self, clip) -> torch.Tensor:
         """CLIP image embeddings of the eval set's real images (CMMD's reference set), cached like the stats."""
@@ -177,12 +185,13 @@ class Evaluator:
 
     def image_metrics(self, model: torch.nn.Module, step: int, out_dir: Optional[Path] = None) -> dict[str, float]:
         """``eval.image_metrics`` of generated images: ``eval/fd_dinov2`` (with ``eval/fd_num_images``, the N
-        it is computed on), ``eval/cmmd``, ``eval/clip_score``, ``eval/shapes/<attribute>``; a grid to ``out_dir``
-        (first rank)."""
+        it is computed on), ``eval/cmmd``, ``eval/clip_score``, ``eval/shapes/<attribute>``,
+        ``eval/fd_effnet_lite0``; a grid to ``out_dir`` (first rank)."""
         wanted = self.cfg.eval.image_metrics
         dino = clip = None
         if {"fd_dinov2", "cmmd", "clip_score"} & set(wanted):
             dino, clip = self._extractors()
+        effnet = self._effnet_extractor() if "fd_effnet_lite0" in wanted else None
         was_training = model.training
         model.eval()
         local, shown = {}, []
@@ -195,6 +204,7 @@ class Evaluator:
                 "clip_images": clip.images(images) if {"cmmd", "clip_score"} & set(wanted) else None,
                 "clip_texts": clip.texts(captions) if "clip_score" in wanted else None,
                 "shapes": shape_checks(images, captions) if "shapes" in wanted else None,
+                "effnet": effnet(images) if effnet is not None else None,
             }
             shown.extend(to_pil(images)[: max(0, self.cfg.eval.grid_images - len(shown))])
         model.train(was_training)
@@ -203,7 +213,7 @@ class Evaluator:
         values = {}
         if "fd_dinov2" in wanted:
             fake = FeatureStats.of(torch.cat([p["dino"] for p in parts]))
-            values["eval/fd_dinov2"] = frechet_distance(fake, self._real_stats(dino))
+            values["eval/fd_dinov2"] = frechet_distance(fake, self._real_stats(dino, "fd"))
             values["eval/fd_num_images"] = fake.n
             warning = rank_warning(fake.n, dino.dim)
             if warning and self.model_index == 0 and not self._warned:
@@ -214,6 +224,9 @@ class Evaluator:
                          dino.name)
         if "cmmd" in wanted:
             values["eval/cmmd"] = cmmd(self._real_clip(clip), torch.cat([p["clip_images"] for p in parts]))
+        if effnet is not None:
+            fake = FeatureStats.of(torch.cat([p["effnet"] for p in parts]))
+            values["eval/fd_effnet_lite0"] = frechet_distance(fake, self._real_stats(effnet, "fd_effnet_lite0"))
         if "clip_score" in wanted:
             values["eval/clip_score"] = clip_score(torch.cat([p["clip_images"] for p in parts]),
                                                    torch.cat([p["clip_texts"] for p in parts]))

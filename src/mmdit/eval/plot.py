@@ -1,6 +1,6 @@
 """Plot a run's metrics against steps: the in-loop ones (``<run>/metrics.jsonl``) and ``evaluate``'s
-(``<run>/eval/metrics.jsonl``), one panel per metric (training loss, validation loss, FD_DINOv2, CMMD, CLIP score,
-the shapes scorer's accuracies), raw and EMA weights as separate lines."""
+(``<run>/eval/metrics.jsonl``), one panel per metric (training loss, validation loss, FD_DINOv2, CMMD, FD in
+EfficientNet-Lite0 features, CLIP score, the shapes scorer's accuracies), raw and EMA weights as separate lines."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Optional
 
-PANELS = ("train_loss", "loss", "fd_dinov2", "cmmd", "clip_score", "shapes")
+PANELS = ("train_loss", "loss", "fd_dinov2", "cmmd", "fd_effnet_lite0", "clip_score", "shapes")
 TITLES = {"train_loss": "training loss (log)", "loss": "validation loss (log)",
           "fd_dinov2": "FD_DINOv2 (lower is better)", "cmmd": "CMMD (lower is better)",
-           "clip_score": "CLIP score", "shapes": "shapes scorer accuracy"}
+          "fd_effnet_lite0": "FD, EfficientNet-Lite0 (lower is better)",
+          "clip_score": "CLIP score", "shapes": "shapes scorer accuracy"}
 SHAPE_LINES = ("colour", "shape", "position", "size", "background", "all")
 
 
