@@ -18,23 +18,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mmdit.data import shapes
+from mmdit.data.captioned_images import BASE_SCHEMA
 
-DEMO_SCHEMA = pa.schema(
-    [
-        ("id", pa.int64()),
-        ("image", pa.binary()),
-        ("caption_long", pa.string()),
-        ("caption_short", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("aspect_ratio", pa.float32()),
-        ("shape", pa.string()),
-        ("colour", pa.string()),
-        ("position", pa.string()),
-        ("size", pa.string()),
-        ("background", pa.string()),
-    ]
-)
+DEMO_SCHEMA = pa.schema([*BASE_SCHEMA, ("shape", pa.string()), ("colour", pa.string()), ("position", pa.string()),
+                         ("size", pa.string()), ("background", pa.string())])
 
 
 def demo_row(row_id: int, seed: int, holdout, corrupt_fraction: float, min_side: int, max_side: int,
