@@ -8,7 +8,6 @@ resume from is decided once (:mod:`.resume`); how a job stops is :mod:`.stopping
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
@@ -27,20 +26,17 @@ from ..model.flops import batch_train_flops, device_peak_flops, skips_padded_key
 from ..model.policy import compile_blocks, compile_enabled
 from ..model.routing import route_generator, route_indices
 from ..precision import precision_of
-from . import checkpoint as ckpt
-from . import hyperparams
-from . import sharded_checkpoint as sharded
 from .balance import BalanceMonitor, RankBalance, balance_metrics, gather_balance, mean_loss
 from .batches import build_schedule, local_source, make_producer, remote_source, run_loader
-from .faults import inject_delay
 from .metrics import LossByT, MetricsLogger
 from .optim import EMA, make_optimizer, make_scheduler
 from .parallel import ParallelModel, ShardedEMA
 from .phema_tracker import PowerFunctionEMA
-from .resume import ResumePlan, agree_resume, check_loaded_step, data_layout
-from .rng_state import capture_rng_state, restore_rng_state
+from .resume import ResumePlan, agree_resume
 from .runtime import Runtime
 from .stopping import agree_step, send_end_request
+from .trainer_checkpoints import TrainerCheckpoints
+from .window import MetricWindow
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +85,8 @@ def _loader_main(cfg: Config, rt: Runtime, plan: ResumePlan) -> dict:
     return stats
 
 
-class Trainer:
-    """State and loop of a model rank."""
+class Trainer(TrainerCheckpoints):
+    """State and loop of a model rank (its checkpoint side: :class:`.trainer_checkpoints.TrainerCheckpoints`)."""
 
     def __init__(self, cfg: Config, rt: Runtime, plan: ResumePlan):
         self.cfg, self.rt, self.plan = cfg, rt, plan
@@ -125,125 +121,6 @@ class Trainer:
             if compiled:  # regional: each JointBlock, after the EMA copy
                 compile_blocks(self.model)
             self.parallel = ParallelModel(self.model, "ddp", rt)
-
-    # ---------------------------------------------------------------- checkpoints
-    def _restore(self) -> None:
-        if self.plan.path is not None:
-            path = Path(self.plan.path)
-            configured = hyperparams.snapshot(self.optimizer)
-            ts = self._load_states(path)
-            for change in hyperparams.apply(self.optimizer, self.scheduler, configured):
-                if self.rt.is_main:
-                    log.warning("resume: %s", change)
-            check_loaded_step(self.plan, int(ts["step"]), self.rt.rank)
-            self.step, self.skipped, self.corrupt = ts["step"], ts.get("skipped", 0), ts.get("corrupt", 0)
-            self.wandb_id = ts.get("wandb_id")
-            self._restore_phema(path, ts)
-            rng = ts.get("rng", [])
-            if self.model_index < len(rng):
-                restore_rng_state(rng[self.model_index])
-            else:
-                log.warning("rank %d: %s holds RNG states of %d model ranks, none for model index %d (the layout "
-                            "changed); this rank's global RNGs start fresh", self.rt.rank, path, len(rng),
-                            self.model_index)
-            if self.rt.is_main:
-                log.info("resumed from %s at step %d (micro-step %d)", path, self.step, self.plan.start_micro)
-        elif self.cfg.train.init_from:
-            source = Path(self.cfg.train.init_from)
-            if self.fsdp or sharded.is_sharded(source):
-                raise ckpt.CheckpointError(f"train.init_from={source} with train.parallel=fsdp or a sharded "
-                                           "checkpoint: export it first (python -m mmdit export --checkpoint "
-                                           f"{source} --consolidate) and start with train.parallel=ddp")
-            weights = ckpt.load_weights(source, which="ema", device=str(self.device))
-            self.model.load_state_dict(weights)
-            self.ema.load_state_dict(weights)
-            if not self.cfg.train.reset_optimizer:
-                self.optimizer.load_state_dict(ckpt.load_checkpoint(source).optimizer_state)
-            if not self.cfg.train.reset_wandb:
-                self.wandb_id = ckpt.read_trainer_state(source).get("wandb_id")
-            if self.rt.is_main:
-                log.info("initialised weights from %s (EMA weights)", source)
-
-    def _restore_phema(self, path: Path, ts: dict) -> None:
-        if self.phema is None:
-            return
-        if "phema" in ts and self._phema_loaded:  # read in place with the sharded checkpoint
-            self.phema.load_meta(ts["phema"])
-            return
-        tensors = ckpt.load_extra_weights(path, "phema", device=str(self.device))
-        if tensors is None or "phema" not in ts:
-            log.warning("%s holds no post-hoc EMA profiles: they start from its weights at %d images", path,
-                        self.samples_seen)
-            self.phema.start_from(self.model, self.samples_seen, int(ts["step"]))
-        else:
-            self.phema.load_state_dict(tensors, ts["phema"])
-
-    def _load_states(self, path: Path) -> dict:
-        """Weights, EMA, optimizer, scheduler and scaler from a full or a sharded checkpoint, whichever this
-        run's ``train.parallel`` (a run may switch at a resume); returns the trainer state."""
-        self._phema_loaded = False
-        if sharded.is_sharded(path):
-            found = sharded.load_sharded(path, model=self.model, optimizer=self.optimizer, ema=self.ema,
-                                         group=self.rt.model_group if self.rt.distributed else None,
-                                         extra={"phema": self.phema.state_dict()} if self.phema is not None else None)
-            self._phema_loaded = "phema" in found
-            states = {k: ckpt._load_torch(path, ckpt.STATE_FILES[k], self.device) for k in ("scheduler", "scaler")}
-            self.scheduler.load_state_dict(states["scheduler"])
-            self.scaler.load_state_dict(states["scaler"])
-            return ckpt.read_trainer_state(path)
-        state = ckpt.load_checkpoint(path, map_location=self.device)
-        if self.fsdp:
-            sharded.load_full_into_sharded(state, model=self.model, optimizer=self.optimizer, ema=self.ema)
-        else:
-            self.model.load_state_dict(state.model_state)
-            self.ema.load_state_dict(state.ema_state)
-            self.optimizer.load_state_dict(state.optimizer_state)
-        self.scheduler.load_state_dict(state.scheduler_state)
-        self.scaler.load_state_dict(state.scaler_state)
-        return state.trainer_state
-
-    def save(self, micro: int) -> None:
-        """Write the checkpoint of this step; ``micro`` is the data cursor (the next micro-step to train).
-
-        Every model rank calls this (they hand their RNG states to the first one, which writes).
-        """
-        rng = [capture_rng_state()]
-        if self.rt.distributed and self.rt.num_model_ranks > 1:
-            gathered = [None] * self.rt.num_model_ranks
-            torch.distributed.all_gather_object(gathered, rng[0], group=self.rt.model_group)
-            rng = gathered
-        if not self.rt.is_main and not self.fsdp:
-            return
-        trainer_state = {
-            "step": self.step,
-            "data_cursor": micro,
-            "samples_seen": self.samples_seen,
-            "data_layout": data_layout(self.cfg, self.rt.num_model_ranks),
-            "schedule_segments": self.plan.segments,
-            "skipped": self.skipped,
-            "corrupt": self.corrupt,
-            "wandb_id": self.wandb_id,
-            "rng": rng,
-            "lineage": {"id": self.plan.lineage, "parent": self.plan.parent},
-        }
-        if self.phema is not None:
-            trainer_state["phema"] = self.phema.meta()
-        if self.fsdp:  # every model rank writes its shard
-            sharded.save_sharded(
-                self.run_dir, self.step, model=self.model, optimizer=self.optimizer, ema=self.ema,
-                scheduler_state=self.scheduler.state_dict(), scaler_state=self.scaler.state_dict(),
-                trainer_state=trainer_state, config=self.cfg, keep_last=self.cfg.train.keep_last,
-                group=self.rt.model_group, main_rank=self.rt.topology.model_ranks[0], is_main=self.rt.is_main,
-                extra={"phema": self.phema.state_dict()} if self.phema is not None else None)
-            return
-        path = ckpt.save_checkpoint(
-            self.run_dir, self.step, model_state=self.model.state_dict(), ema_state=self.ema.state_dict(),
-            optimizer_state=self.optimizer.state_dict(), scheduler_state=self.scheduler.state_dict(),
-            scaler_state=self.scaler.state_dict(), trainer_state=trainer_state, config=self.cfg,
-            keep_last=self.cfg.train.keep_last,
-            extra_weights={"phema": self.phema.state_dict()} if self.phema is not None else None,
-        )
-        log.info("saved %s", path)
 
     # ---------------------------------------------------------------- one step
     def _generator(self, micro: int) -> torch.Generator:
@@ -297,7 +174,7 @@ class Trainer:
         self.phema.update(self.model, self.samples_seen, self.step)
         ph = self.cfg.train.phema
         if self.step % ph.snapshot_every == 0 or self.step == self.cfg.train.total_steps:
-            with self._timed("phema_snapshot"):  # I/O: out of the metric window
+            with self.window.paused("phema_snapshot"):  # I/O: out of the metric window
                 self.phema.write_snapshots(self.run_dir, ph.snapshot_dtype, write=self.rt.is_main)
 
     # ---------------------------------------------------------------- the loop
@@ -353,9 +230,7 @@ class Trainer:
         loss_by_t = LossByT(self.device)
         self.balance = BalanceMonitor(len(rt.topology.loader_ranks), rt.num_model_ranks,
                                       window_steps=cfg.train.balance_window, warmup_until=self.step + 10)
-        self.pauses: dict[str, float] = {}  # non-training durations of the window, logged as time/<what>_s
-        self._new_window(source)
-        window = self.window
+        self.window = MetricWindow(self.device, source.wait_s, self.step)
         sample_log = None
         if cfg.train.log_samples:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -374,16 +249,14 @@ class Trainer:
                     sample_log.write(json.dumps({"micro": micro, "bucket": list(batch.latents.shape[2:]),
                                                  "ids": batch.sample_ids.tolist()}) + "\n")
                     sample_log.flush()  # current even if the process is killed next
-                window["loss"] += self._micro_step(batch, micro, sync=k == accum - 1, loss_by_t=loss_by_t)
-                window["n"] += 1
+                loss = self._micro_step(batch, micro, sync=k == accum - 1, loss_by_t=loss_by_t)
                 b, _, h, w = batch.latents.shape
                 self.samples_seen += b * rt.num_model_ranks
-                window["images"] += b
-                window["tokens"] += b * (h // cfg.model.patch_size) * (w // cfg.model.patch_size)
                 pixels = (h * cfg.model.latent_factor, w * cfg.model.latent_factor)
+                # a device tensor where padded keys are skipped (no host sync): read at the report
                 flops, hw_flops = batch_train_flops(cfg.model, *pixels, batch.cond.masks, skip_padded)
-                window["flops"] += flops  # a device tensor where padded keys are skipped: read at the report
-                window["hw_flops"] += hw_flops
+                self.window.add(loss, b, b * (h // cfg.model.patch_size) * (w // cfg.model.patch_size), flops,
+                                hw_flops)
                 micro += 1
             grad_norm, _, stopped = self._optimizer_step(rt.stop.requested or flagged)
             self.step += 1
@@ -394,10 +267,9 @@ class Trainer:
             if logger is not None:
                 logger.advance()
             if self.step == self.plan.step + 1:  # compile, allocator and pipeline warm-up: timed, not windowed
-                self._end_warmup(source)
+                self.window.end_warmup(source.wait_s, self.step)
             if self.step % cfg.train.log_every == 0 or self.step == cfg.train.total_steps:
                 self._report(logger, grad_norm, loss_by_t, source, peak, batch.loader_busy)
-            window = self.window
             if stopped or self.step == cfg.train.total_steps:
                 break
             self._periodic_work(validator, evaluator, logger, micro, save=True)
@@ -405,7 +277,7 @@ class Trainer:
             self._periodic_work(validator, evaluator, logger, micro, save=False)
         if self.step > self.plan.step or self.plan.path is None:  # the final save: every model rank takes part
             t0 = time.perf_counter()
-            with self._timed("save"):
+            with self.window.paused("save"):
                 self.save(micro)  # first: a loader that dies during the stop cannot cost the checkpoint
             if stopped:
                 log.warning("stop requested: checkpoint of step %d written in %.1fs, exiting", self.step,
@@ -428,10 +300,10 @@ class Trainer:
         Each is timed and logged as its own duration (``time/<what>_s``), outside the metric window."""
         cfg = self.cfg
         if save and self.step % cfg.train.save_every == 0:
-            with self._timed("save"):
+            with self.window.paused("save"):
                 self.save(micro)
         if validator is not None and self.step % cfg.train.validate_every == 0:
-            with self._timed("validation"):
+            with self.window.paused("validation"):
                 images = validator.run(self.ema.model, self.step, self.run_dir / "validation", self.dtype)
             logger.log_images(self.step, "validation", images)
         self._evaluate(evaluator, logger)
@@ -445,7 +317,7 @@ class Trainer:
             return
         t0 = time.perf_counter()
         values = {}
-        with self._timed("eval"):
+        with self.window.paused("eval"):
             if loss_due:
                 weights = {"ema": self.ema.model, "model": self.model}
                 values.update(evaluator.validation_losses({k: weights[k] for k in ev.loss_weights}, self.step))
@@ -458,47 +330,21 @@ class Trainer:
             values["images_seen"] = self.samples_seen  # for the time to a target (mmdit.eval.time_to_target)
             logger.log(self.step, values)
 
-    @contextlib.contextmanager
-    def _timed(self, what: str):
-        """Time work that is not training (a save, validation, an eval): logged as ``time/<what>_s`` and left
-        out of the metric window, so images/s and MFU measure training alone."""
-        t0 = time.perf_counter()
-        inject_delay(what)
-        yield
-        seconds = time.perf_counter() - t0
-        self.window["paused_s"] += seconds
-        self.pauses[f"time/{what}_s"] = self.pauses.get(f"time/{what}_s", 0.0) + seconds
-
     def _device_busy(self) -> bool:
         """Whether the device still has queued work (a non-blocking query; always False on the CPU)."""
         return self.device.type == "cuda" and not torch.cuda.current_stream(self.device).query()
-
-    def _end_warmup(self, source) -> None:
-        """The job's first step (compile, first batches) is logged as ``time/first_step_s``; the window of
-        throughput figures starts after it, the losses are kept."""
-        loss, n = self.window["loss"], self.window["n"]
-        self.pauses["time/first_step_s"] = time.perf_counter() - self.window["t"] - self.window["paused_s"]
-        self._new_window(source)
-        self.window.update(loss=loss, n=n)
-
-    def _new_window(self, source) -> None:
-        self.window = {"loss": torch.zeros((), device=self.device), "n": 0, "images": 0, "tokens": 0,
-                       "flops": 0.0, "hw_flops": 0.0, "wait": source.wait_s, "t": time.perf_counter(),
-                       "step": self.step, "paused_s": 0.0}
 
     def _report(self, logger: MetricsLogger | None, grad_norm: torch.Tensor, loss_by_t: LossByT, source,
                 peak: float, loader_busy: float) -> None:
         """Every model rank: the balance figures and losses of the window (one small all-gather, the log's
         one host read); the first model rank logs them."""
         window = self.window
-        now = time.perf_counter()
-        elapsed = max(1e-9, now - window["t"] - window["paused_s"])  # training time only
-        mine = RankBalance(self.rt.rank, source.wait_s - window["wait"], elapsed,
-                           self.rt.topology.loader_of(self.rt.rank), loader_busy, float(window["loss"]), window["n"])
+        elapsed = window.elapsed()
+        mine = RankBalance(self.rt.rank, source.wait_s - window.wait_start, elapsed,
+                           self.rt.topology.loader_of(self.rt.rank), loader_busy, float(window.loss), window.n)
         ranks = gather_balance(mine, self.rt.model_group if self.rt.distributed else None, self.rt.num_model_ranks)
-        steps = self.step - window["step"]
         if logger is not None:
-            warning = self.balance.update(self.step, steps, ranks)
+            warning = self.balance.update(self.step, self.step - window.step, ranks)
             if warning:
                 log.warning("%s", warning)
             values = {
@@ -508,20 +354,13 @@ class Trainer:
                 "skipped_steps": self.skipped,
                 "corrupt_images": self.corrupt,
                 **loss_by_t.report(),
-                **self.pauses,
+                **window.pauses,
+                **window.throughput(self.rt.num_model_ranks, peak),
             }
-            if window["images"]:  # throughput of the training time in the window (none right after warm-up)
-                values.update({
-                    "images_per_s": window["images"] * self.rt.num_model_ranks / elapsed,
-                    "tokens_per_s": window["tokens"] * self.rt.num_model_ranks / elapsed,
-                    "data_wait_frac": max(r.wait_s / max(1e-9, r.elapsed_s) for r in ranks),  # most-waiting rank
-                    **balance_metrics(ranks),
-                })
-            if peak and window["images"]:
-                values["mfu"] = float(window["flops"]) / elapsed / peak
-                values["hfu"] = float(window["hw_flops"]) / elapsed / peak  # with recompute of checkpointed blocks
+            if window.images:  # the data wait of the training time in the window
+                values["data_wait_frac"] = max(r.wait_s / max(1e-9, r.elapsed_s) for r in ranks)  # most-waiting
+                values.update(balance_metrics(ranks))
             if self.device.type == "cuda":
                 values["max_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
             logger.log(self.step, values)
-        self.pauses = {}
-        self._new_window(source)
+        window.reset(source.wait_s, self.step)
