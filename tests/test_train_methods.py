@@ -101,7 +101,8 @@ def test_muon_and_phema_resume_exactly_under_ddp(tiny_models, demo_data, tmp_pat
     weights, EMA, optimizer state (keyed by name), the post-hoc EMA profiles and their snapshots."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     extra = ["train.optimizer=muon", "train.muon.lr=0.02", "train.muon.adjust_lr=original", "model.depth=1",
-             "train.phema.enabled=true", "train.phema.snapshot_every=1", "train.save_every=1000"]
+             "train.phema.enabled=true", "train.phema.snapshot_every=1", "train.save_every=1000",
+             "train.weights_digest=true"]
     train([*common(tiny_models, demo_data, straight, 4), *extra], nproc=2)
     train([*common(tiny_models, demo_data, resumed, 2), *extra], nproc=2)
     train([*common(tiny_models, demo_data, resumed, 4), *extra, "train.resume=auto"], nproc=2)
