@@ -175,6 +175,24 @@ def test_minilm_package_loads():
     assert cond.masks[0].sum(1).tolist() == [5, 8]  # [CLS] ... [SEP]
 
 
+def test_sequence_and_pooled_entries_of_one_encoder_share_model_and_forward():
+    """The demos' MiniLM as a sequence and a pooled entry: one model in memory, one forward per batch, the same
+    outputs as two separately loaded encoders."""
+    entries = [TextEncoderConfig(name="minilm", kind="sequence", max_length=24),
+               TextEncoderConfig(name="minilm", kind="pooled", max_length=24)]
+    shared = TextEncoders.from_config(EncodersConfig(text=entries), "cpu")
+    assert shared.sequence[0].model is shared.pooled.model
+    apart = [TextEncoders.from_config(EncodersConfig(text=[e]), "cpu") for e in entries]
+    calls = []
+    shared.pooled.model.register_forward_hook(lambda *_: calls.append(1))
+    captions = ["a red circle", "an emoji of evergreen tree; plant other, animals & nature"]
+    cond = shared.encode(captions)
+    assert len(calls) == 1
+    assert torch.equal(cond.tokens[0], apart[0].encode(captions).tokens[0])
+    assert torch.equal(cond.masks[0], apart[0].encode(captions).masks[0])
+    assert torch.allclose(cond.pooled, apart[1].encode(captions).pooled, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", ["nonexistent-org/nonexistent-encoder", "/no/such/folder"])
 def test_missing_text_encoder_clear_error(name):
     cfg = EncodersConfig(text=[TextEncoderConfig(name=name)])

@@ -234,20 +234,29 @@ class LoadedTextEncoder:
             return_tensors="pt",
         )
 
-    def encode(self, captions: list[str], device: torch.device) -> tuple[Tensor, Tensor]:
-        """Sequence: (hidden [B, max_length, D], mask [B, max_length] bool). Pooled: (vector [B, P], mask)."""
-        batch = self.tokenize(captions, padding="longest")
-        return self.encode_tokens(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+    def encode(self, captions: list[str], device: torch.device, forwards: Optional[dict] = None
+               ) -> tuple[Tensor, Tensor]:
+        """Sequence: (hidden [B, max_length, D], mask [B, max_length] bool). Pooled: (vector [B, P], mask).
 
-    def encode_tokens(self, ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        ``forwards`` (a dict kept for one batch of captions) shares one forward between entries that run the
+        same model object at the same ``max_length`` (a sequence and a pooled entry of one encoder)."""
+        batch = self.tokenize(captions, padding="longest")
+        return self.encode_tokens(batch["input_ids"].to(device), batch["attention_mask"].to(device), forwards)
+
+    def encode_tokens(self, ids: Tensor, mask: Tensor, forwards: Optional[dict] = None) -> tuple[Tensor, Tensor]:
         """The forward on token ids [B, l] (l <= max_length, right-padded) under inference_mode.
 
         Returns plain tensors (cloned outside inference mode, so trainable layers can save them for
         backward), zero at padded positions and padded to ``max_length``.
         """
         with torch.inference_mode():
-            extra = {"use_cache": False} if self.takes_use_cache else {}  # decoders (Gemma): no KV cache
-            out = self.model(input_ids=ids, attention_mask=mask, **extra)
+            key = (id(self.model), self.max_length)
+            out = None if forwards is None else forwards.get(key)
+            if out is None:
+                extra = {"use_cache": False} if self.takes_use_cache else {}  # decoders (Gemma): no KV cache
+                out = self.model(input_ids=ids, attention_mask=mask, **extra)
+                if forwards is not None:
+                    forwards[key] = out
             if self.kind == "pooled":
                 if hasattr(out, "text_embeds"):
                     vec = out.text_embeds
@@ -275,11 +284,14 @@ def load_text_encoder(
     index: int = 0,
     attention: str = "sdpa",
     compile_backend: str = "",
+    loaded: Optional[dict] = None,
 ) -> LoadedTextEncoder:
     """Load one tokenizer + model (frozen, eval) by Hugging Face name, local folder or special name.
 
     ``attention`` is asked of the model class (:func:`choose_attention`); ``compile_backend`` non-empty
-    compiles the model with that torch.compile backend.
+    compiles the model with that torch.compile backend. ``loaded`` (a dict shared by the entries of one
+    config) reuses a model already loaded from the same folder as the same class, so a sequence and a pooled
+    entry of one encoder hold one copy and (:meth:`TextEncoders.encode`) run one forward.
     """
     from transformers import AutoTokenizer
 
@@ -289,10 +301,17 @@ def load_text_encoder(
     path = resolve_name(cfg.name)
     config = load_hf_config(path, what)
     cls = _model_class(config, cfg.kind)
+    key = (path, cls)
+    if loaded is not None and key in loaded:
+        tokenizer, model = loaded[key]
+        return prepare_text_encoder(cfg, path, tokenizer, model, device, what, compile_backend, shared=True)
     impl = choose_attention(cls, config, attention, f"{what} {cfg.name}")
     model = cls.from_pretrained(path, dtype=dtype, attn_implementation=impl)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    return prepare_text_encoder(cfg, path, tokenizer, model, device, what, compile_backend)
+    encoder = prepare_text_encoder(cfg, path, tokenizer, model, device, what, compile_backend)
+    if loaded is not None:
+        loaded[key] = (encoder.tokenizer, encoder.model)
+    return encoder
 
 
 def prepare_text_encoder(
@@ -303,8 +322,10 @@ def prepare_text_encoder(
     device: torch.device | str,
     what: str,
     compile_backend: str = "",
+    shared: bool = False,
 ) -> LoadedTextEncoder:
-    """Freeze ``model`` on ``device``, fix up its tokenizer, log what it runs; shared by loading and benchmarks."""
+    """Freeze ``model`` on ``device``, fix up its tokenizer, log what it runs; shared by loading and benchmarks.
+    ``shared``: the model is another entry's (already prepared and, if asked, compiled)."""
     model.to(device).eval().requires_grad_(False)
     if tokenizer is not None:  # None: the caller feeds token ids to encode_tokens (benchmarks)
         tokenizer.padding_side = "right"
@@ -322,9 +343,10 @@ def prepare_text_encoder(
     takes_use_cache = "use_cache" in inspect.signature(model.forward).parameters
     got = str(getattr(model.config, "_attn_implementation", None) or "eager")
     dtype = next(model.parameters()).dtype
-    log.info("%s %s: %s, %s on %s, attention=%s%s", what, cfg.name, type(model).__name__, str(dtype)[6:],
-             torch.device(device), got, f", compiled ({compile_backend})" if compile_backend else "")
-    if compile_backend:
+    log.info("%s %s: %s, %s on %s, attention=%s%s%s", what, cfg.name, type(model).__name__, str(dtype)[6:],
+             torch.device(device), got, f", compiled ({compile_backend})" if compile_backend else "",
+             ", shares the model of an earlier entry" if shared else "")
+    if compile_backend and not shared:
         compile_module(model, compile_backend)
     return LoadedTextEncoder(
         cfg=cfg,
@@ -379,9 +401,9 @@ class TextEncoders:
             raise ValueError("encoders.text is empty; configure at least one sequence text encoder")
         torch_dtype = resolve_dtype(dtype if dtype is not None else cfg.dtype, device)
         backend = cfg.compile_backend if cfg.compile else ""
-        encoders = [
-            load_text_encoder(t, device, torch_dtype, i, cfg.attention, backend) for i, t in enumerate(cfg.text)
-        ]
+        loaded: dict = {}
+        encoders = [load_text_encoder(t, device, torch_dtype, i, cfg.attention, backend, loaded)
+                    for i, t in enumerate(cfg.text)]
         return cls(encoders, device, torch_dtype)
 
     def describe(self) -> list[dict]:
@@ -409,12 +431,12 @@ class TextEncoders:
         if isinstance(captions, str):
             captions = [captions]
         captions = list(captions)
-        tokens, masks = [], []
+        tokens, masks, forwards = [], [], {}
         for enc in self.sequence:
-            h, m = enc.encode(captions, self.device)
+            h, m = enc.encode(captions, self.device, forwards)
             tokens.append(h)
             masks.append(m)
-        pooled = self.pooled.encode(captions, self.device)[0] if self.pooled is not None else None
+        pooled = self.pooled.encode(captions, self.device, forwards)[0] if self.pooled is not None else None
         return TextCondition(tokens=tokens, masks=masks, pooled=pooled)
 
     __call__ = encode
