@@ -21,7 +21,7 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 setup: $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=25 tests
 
 # both write under demo_out/ only; maintainers add --publish (selected_images/ + README tables): make demo ARGS=--publish
 demo: $(STAMP)
