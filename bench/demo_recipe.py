@@ -45,14 +45,16 @@ from mmdit.sampling import sample  # noqa: E402
 from mmdit.train.optim import EMA, make_optimizer, make_scheduler  # noqa: E402
 
 
-def demo_images(rows: int, max_aspect: float, resolution: int, step: int) -> dict:
-    """{(bucket_h, bucket_w): (images [N, 3, h, w] in [-1, 1], long captions, short captions)}."""
+def demo_images(rows: int, max_aspect: float, resolution: int, step: int, seed: int = 0,
+                holdout=shapes.DEFAULT_HOLDOUT) -> dict:
+    """{(bucket_h, bucket_w): (images [N, 3, h, w] in [-1, 1], long captions, short captions)}; the demo's
+    training rows by default, its eval set with ``seed=mmdit.demo.EVAL_SEED, holdout=()``."""
     from mmdit.data.demo_dataset import demo_row
     from mmdit.data.images import decode
 
     buckets: dict = {}
     for i in range(rows):
-        row = demo_row(i, 0, shapes.DEFAULT_HOLDOUT, 0.0, 64, 160, max_aspect)
+        row = demo_row(i, seed, holdout, 0.0, 64, 160, max_aspect)
         image = decode(row["image"]).image
         bh, bw = bucket_size(row["width"], row["height"], step=step, max_resolution=resolution)
         pixels = np.array(fit_to_bucket(image, bh, bw))
