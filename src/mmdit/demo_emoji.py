@@ -7,7 +7,7 @@ held-out emoji in the loop (validation loss; FD between images generated from th
 EfficientNet-Lite0's pooled features, ``fd_effnet_lite0``) -> EMA samples decoded by TAEF2: seen and held-out
 grids (generated over real), a denoising gif, the curves.
 
-    python -m mmdit demo --data emoji            # ~15 minutes on 2 CPU cores
+    python -m mmdit demo --data emoji            # ~25 minutes on 2 shared CPU cores (README)
     python -m mmdit demo --data emoji --quick    # a few-minute smoke run of the same pipeline
 
 Needs three downloads, none in the repository: TAEF2's weights (--taef2, default ../shared/assets/taef2), the
