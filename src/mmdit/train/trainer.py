@@ -329,6 +329,8 @@ class Trainer(TrainerCheckpoints):
                    "data_wait_s": source.wait_s, "stream_error": stream_error}
         if cfg.train.weights_digest:  # a gather of every weight under FSDP: only when asked (tests)
             summary["weights_sha256"] = weights_digest(self.model)
+            if self.repa is not None:  # replicated on every model rank: equal when its gradients were averaged
+                summary["repa_sha256"] = weights_digest(self.repa.projector)
         (self.run_dir / f"summary_rank{rt.rank}.json").write_text(json.dumps(summary, indent=1))
         return summary
 
