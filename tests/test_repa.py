@@ -329,3 +329,45 @@ def test_repa_resumes_exactly_and_until_step_switches_it_off(tiny_models, demo_d
     assert not torch.equal(projectors[1]["mlp.0.weight"], projectors[2]["mlp.0.weight"])  # step 3 still aligns
     assert all(torch.equal(projectors[2][k], projectors[3][k]) for k in projectors[2])  # step 4 does not
     assert [row["repa_loss"] for row in metrics(resumed / "tiny_latent")[:2]] == [r["repa_loss"] for r in rows[:2]]
+
+
+def test_aligned_targets_follow_the_route_inside_the_span():
+    cfg = load_config("tiny_latent", ["model.depth=4", "model.route=0.5", "model.route_start=1", "model.route_end=3",
+                                      "train.repa.enabled=true", "train.repa.block=1"])
+    from mmdit.train.repa import aligned_targets
+
+    targets = torch.arange(2 * 6 * 3, dtype=torch.float32).reshape(2, 6, 3)
+    route = torch.tensor([[0, 4, 5], [1, 2, 3]])
+    assert torch.equal(aligned_targets(targets, cfg, route), torch.stack([targets[0, [0, 4, 5]], targets[1, 1:4]]))
+    assert aligned_targets(targets, cfg, None) is targets
+    cfg.train.repa.block = 3  # after the span: every token is back
+    assert aligned_targets(targets, cfg, route) is targets
+
+
+@pytest.mark.slow
+def test_repa_under_fsdp_trains_like_ddp_and_resumes(tiny_models, demo_data, dinov2, tmp_path):
+    """2 model ranks: FSDP (2 steps, then resumed from its sharded checkpoint to 3) against DDP (3 steps): the
+    same flow and REPA losses, weights and projector to fp32 rounding; the projector equal on both FSDP ranks."""
+    from safetensors.torch import load_file
+
+    from mmdit.train.checkpoint import latest_checkpoint
+    from mmdit.train.sharded_checkpoint import consolidated_weights, is_sharded
+
+    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
+    extra = {"train.weights_digest": True, "train.log_samples": False, "train.save_every": 2}
+    torchrun(2, repa_overrides(tiny_models, demo_data, dinov2, ddp, 3, **extra))
+    torchrun(2, repa_overrides(tiny_models, demo_data, dinov2, fsdp, 2, **extra, **{"train.parallel": "fsdp"}))
+    torchrun(2, repa_overrides(tiny_models, demo_data, dinov2, fsdp, 3, **extra, **{"train.parallel": "fsdp",
+                                                                                     "train.resume": "auto"}))
+    a, b = latest_checkpoint(ddp / "tiny_latent"), latest_checkpoint(fsdp / "tiny_latent")
+    assert a.name == b.name == "step_00000003" and is_sharded(b)
+    for key in ("loss", "repa_loss"):
+        assert [r[key] for r in metrics(ddp / "tiny_latent")] == pytest.approx(
+            [r[key] for r in metrics(fsdp / "tiny_latent")], rel=1e-5)
+    wa, wb = load_file(a / "model.safetensors"), consolidated_weights(b, "model", MMDiT(load_config(
+        "tiny_latent").model))
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
+    pa, pb = (torch.load(p / "repa.pt", weights_only=True)["projector"] for p in (a, b))
+    assert max((pa[k] - pb[k]).abs().max().item() for k in pa) < 1e-5
+    ranks = [json.loads((fsdp / "tiny_latent" / f"summary_rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["repa_sha256"] == ranks[1]["repa_sha256"]
