@@ -71,10 +71,7 @@ def index_identity(index: BucketIndex) -> str:
 def content_of(cfg: Config) -> dict:
     """The config fields a cache's contents depend on: a training config must match them to use the cache."""
     enc, data, repa = cfg.encoders, cfg.data, cfg.train.repa
-    # REPA targets only when asked for: a cache with them serves a config without REPA too (they are not read)
-    teacher = {"repa": {"encoder": repa.encoder, "image_size": repa.image_size,
-                        "pixel_step": cfg.model.pixel_step}} if repa.enabled else {}
-    return {**teacher,
+    content = {
         "text_encoders": [{"name": t.name, "kind": t.kind, "max_length": t.max_length} for t in enc.text],
         "vae": enc.vae,
         "vae_subfolder": enc.vae_subfolder,
@@ -84,6 +81,9 @@ def content_of(cfg: Config) -> dict:
         "image_background": list(data.image_background),
         "max_image_pixels": data.max_image_pixels,
     }
+    if repa.enabled:  # REPA targets only when asked for: a cache with them serves a config without REPA too
+        content["repa"] = {"encoder": repa.encoder, "image_size": repa.image_size, "pixel_step": cfg.model.pixel_step}
+    return content
 
 
 def folder_revision(path: str) -> str:
