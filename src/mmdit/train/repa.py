@@ -13,8 +13,6 @@ only those are aligned, against their own targets (:func:`aligned_targets`).
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -23,8 +21,6 @@ from ..config import Config, ConfigError, RepaConfig
 from ..encoders.vision import teacher_dim
 from ..model.routing import gather_tokens, route_span
 from .optim import lr_factor, param_groups
-
-log = logging.getLogger(__name__)
 
 
 class Projector(nn.Module):
