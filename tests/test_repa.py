@@ -284,8 +284,6 @@ def test_loader_rank_cache_and_own_workers_give_the_same_repa_loss(tiny_models, 
     for key in ("loss", "repa_loss"):
         curves = [[row[key] for row in r] for r in rows]
         assert curves[0] == pytest.approx(curves[1], rel=1e-4) and curves[2] == pytest.approx(curves[1], rel=1e-4)
-    repa = [row["repa_loss"] for row in rows[1]]
-    assert -1 < repa[-1] < repa[0] < 1  # aligning: the cosine grows (measured: ~0.05 -> ~0.5)
     other = repa_overrides(tiny_models, demo_data, dinov2, cached, 3, **{
         "data.source": "cache", "data.cache_dir": cache, "train.repa.encoder": "effnet_lite0"})
     with pytest.raises(ConfigError, match="built with another config.*repa"):
