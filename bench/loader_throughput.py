@@ -4,6 +4,7 @@ the images/s of one model rank, and the loaders each model rank needs per preset
     python bench/loader_throughput.py                  # CPU, real sizes in bf16, batch 2 (a few minutes)
     python bench/loader_throughput.py --tiny           # tiny sizes, seconds (CI: keeps it from rotting)
     python bench/loader_throughput.py --device cuda --batch 64 --model_json $OUT/gpu_suite.json   # on a GPU
+    python bench/loader_throughput.py --tiny --repa    # with a REPA teacher (DINOv2-base) on the loader too
 
 Every encoder is a real-size architecture built from its published config with random weights (no
 download), run through the loader's own code (``LoadedTextEncoder.encode_tokens``, ``VAECodec.encode``:
@@ -22,6 +23,10 @@ other presets scaled by ``mmdit.model.flops.train_flops_per_image``), else 45 % 
 peak. On the CPU, one bf16-autocast training step of a depth-4 MMDiT (bench/model_step.py's Runner) gives
 this CPU's achieved FLOP/s, and each preset's images/s is its FLOPs per image at that rate: a CPU figure
 on both sides, which says how the costs compare, not what a GPU will do.
+
+With ``--repa`` the loader also runs the REPA teacher (``train.repa``: DINOv2-base's architecture, 224 px at
+256 px, 448 px at 512 px, through :class:`mmdit.encoders.vision.VisionTeacher`), counted in the loader's time,
+and its targets' bytes per image on the wire are printed.
 
 The last lines are ``ratio <preset>=<model images/s / loader images/s>``: loader ranks per model rank.
 """
@@ -205,6 +210,36 @@ def time_vae(args, device, dtype, sides: list[int], results: dict) -> None:
                                               "images_per_s": args.batch / s}
 
 
+def build_teacher(args, device: torch.device, dtype: torch.dtype):
+    """DINOv2-base (facebook/dinov2-base's config; --tiny: width 40, 2 layers, 4 px patches) with random weights,
+    as the loader's :class:`VisionTeacher` runs it."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    from mmdit.encoders.vision import IMAGENET_MEAN, IMAGENET_STD, VisionTeacher
+
+    size = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, patch_size=14, image_size=518)
+    if args.tiny:
+        size = dict(hidden_size=40, num_hidden_layers=2, num_attention_heads=2, patch_size=4, image_size=32)
+    torch.manual_seed(0)
+    model = Dinov2Model(Dinov2Config(**size, mlp_ratio=4, layerscale_value=1.0)).to(device, dtype).eval()
+    return VisionTeacher("dinov2-base", model.requires_grad_(False), size["hidden_size"], size["patch_size"],
+                         32 if args.tiny else 224, IMAGENET_MEAN, IMAGENET_STD, 1, device, dtype)
+
+
+def time_teacher(args, device, dtype, sides: list[int], results: dict) -> None:
+    """Images/s of the REPA teacher at each preset's image size (its targets on the 16 px token grid)."""
+    teacher = build_teacher(args, device, dtype)
+    params = sum(p.numel() for p in teacher.model.parameters())
+    for side in sides:
+        px = side // 8 if args.tiny else side
+        grid = (px // 16, px // 16)  # the SD3 presets' image tokens: VAE 8 x patch 2
+        images = torch.randint(0, 256, (args.batch, 3, px, px), dtype=torch.uint8).to(device)
+        s = timed(lambda images=images, grid=grid: teacher.features(images, grid), device, args.warmup, args.steps)
+        results["encoders"][f"repa-dinov2-base@{side}"] = {
+            "class": "Dinov2Model", "params": params, "pixels": px, "batch": args.batch, "seconds": s,
+            "images_per_s": args.batch / s, "wire_bytes_per_image": grid[0] * grid[1] * teacher.dim * dtype.itemsize}
+
+
 def preset_model(name: str, tiny: bool) -> ModelConfig:
     """The preset's ModelConfig (configs/<name>.yaml with its defaults_from); --tiny: depth 2."""
     raw = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())
@@ -278,6 +313,7 @@ def main(argv=None) -> dict:
     p.add_argument("--compile_backend", default="", help="default: inductor on CUDA, aot_eager on the CPU")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--model_json", default="", help="gpu_suite.json whose measured sd3_256 step to compare with")
+    p.add_argument("--repa", action="store_true", help="the loader also runs a REPA teacher (DINOv2-base)")
     p.add_argument("--out", default=os.environ.get("OUT", ""), help="folder for loader_throughput.json")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -303,6 +339,9 @@ def main(argv=None) -> dict:
         free(device)  # one real-size model at a time: the last one is gone before the next is built
     time_vae(args, device, dtype, list(sides.values()), results)
     free(device)
+    if args.repa:
+        time_teacher(args, device, dtype, list(sides.values()), results)
+        free(device)
 
     seq = [s for s in TEXT if s.kind == "sequence"]
     text_tokens = {name: [16 * math.ceil(results["text_tokens"][name][s.name]["padded"] / 16) for s in seq]
@@ -317,6 +356,9 @@ def main(argv=None) -> dict:
         size = e.get("tokens", e.get("pixels"))
         print(f"{key:<22} {e['class']:<28} {e.get('attention', '-'):<10} {e['params'] / 1e6:7.1f}M {size:>9} "
               f"{e['seconds']:8.3f} {e['images_per_s']:8.2f}")
+    for key, e in enc.items():
+        if "wire_bytes_per_image" in e:
+            print(f"{key}: REPA targets {e['wire_bytes_per_image']:,} bytes per image on the wire")
     for reason in results["skipped"].values():
         print(f"skipped: {reason}")
     results["loader_images_per_s"], results["ratio"] = {}, {}

@@ -312,6 +312,11 @@ def main(argv=None) -> None:
         floor, padded = unpadded_bytes(batch) / batch.size, padded_bytes(batch, spec) / batch.size
         print(f"  {name:<44} wire {size / batch.size:>10,.0f} B  unpadded {floor:>10,.0f} B  ratio "
               f"{size / batch.size / floor:.3f}  (padded to max_length: {padded:>10,.0f} B, {padded / floor:.2f}x)")
+    with_repa = representative_batch(big_spec)  # + REPA targets: DINOv2-base (768-d, bf16) on the token grid
+    with_repa.repa = torch.zeros(with_repa.size, (256 // sd3.model.pixel_step) ** 2, 768, dtype=torch.bfloat16)
+    repa_bytes = payload_bytes(with_repa)
+    print(f"  {'sd3_256 + train.repa (DINOv2-base, bf16)':<44} wire {repa_bytes / with_repa.size:>10,.0f} B  "
+          f"({repa_bytes / sizes[1]:.2f}x the batch without)")
     step_s = args.batch * args.model_ranks / med["images_per_s"]
     send_frac = results[0]["streamed_per_batch_s"] * args.model_ranks / step_s
     print(f"run: the loader's sends of one step's {args.model_ranks} batch(es) take {send_frac:.3f} of a steady step "

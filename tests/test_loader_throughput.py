@@ -54,3 +54,20 @@ def test_model_rank_rate_taken_from_a_gpu_suite_json(tmp_path):
                                 results)
     assert rates["sd3_256"] == 300.0 and 3 < 300.0 / rates["sd3_512"] < 6
     assert "gpu_suite" in results["model_rank"]["source"]
+
+
+def test_the_repa_teacher_is_timed_at_each_preset(tmp_path):
+    """--repa: the teacher runs through the loader's VisionTeacher on the presets' token grids (tiny: 32 and 64 px,
+    2 x 2 and 4 x 4 tokens) and its targets' wire bytes follow from the grid and width."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import loader_throughput as lt
+
+    class Args:
+        tiny, batch, warmup, steps = True, 2, 0, 1
+
+    results: dict = {"encoders": {}}
+    lt.time_teacher(Args, lt.torch.device("cpu"), lt.torch.float32, [256, 512], results)
+    enc = results["encoders"]
+    assert sorted(enc) == ["repa-dinov2-base@256", "repa-dinov2-base@512"]
+    assert [enc[k]["wire_bytes_per_image"] for k in sorted(enc)] == [2 * 2 * 40 * 4, 4 * 4 * 40 * 4]
+    assert all(e["images_per_s"] > 0 for e in enc.values())

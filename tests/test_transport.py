@@ -33,7 +33,10 @@ def make_batch(step: int, lengths, dtypes, pooled: int, pooled_dtype, latent_dty
     masks = [torch.rand(b, n, generator=g) > 0.3 for n in lengths]
     pooled_t = torch.randn(b, pooled, generator=g).to(pooled_dtype) if pooled else None
     latents = torch.randn(b, 4, 2 + step, 5, generator=g).to(latent_dtype)
-    return Batch(step, torch.arange(b) + 100 * step, latents, TextCondition(tokens, masks, pooled_t), corrupt=step)
+    # REPA targets on every other batch, in the first encoder's dtype: one per latent pixel, 6 wide
+    repa = torch.randn(b, (2 + step) * 5, 6, generator=g).to(dtypes[0]) if step % 2 else None
+    return Batch(step, torch.arange(b) + 100 * step, latents, TextCondition(tokens, masks, pooled_t), corrupt=step,
+                 repa=repa)
 
 
 def _peer(rank: int, store_path: str) -> None:
@@ -60,6 +63,9 @@ def _peer(rank: int, store_path: str) -> None:
                 if want.cond.pooled is not None:
                     assert got.cond.pooled.dtype == want.cond.pooled.dtype
                     assert torch.equal(got.cond.pooled, want.cond.pooled)
+                assert (got.repa is None) == (want.repa is None)
+                if want.repa is not None:
+                    assert got.repa.dtype == want.repa.dtype and torch.equal(got.repa, want.repa)
             assert recv_batch(0, None) is None  # the end message
     finally:
         dist.destroy_process_group()
@@ -74,6 +80,10 @@ def test_the_wire_carries_the_unpadded_payload():
     floor = batch.latents.numel() * 4 + real + batch.cond.pooled.numel() * 4 + batch.sample_ids.numel() * 8
     overhead = 8 * HEADER_SIZE + sum(m.numel() for m in batch.cond.masks)  # the header and a byte per mask slot
     assert wire == floor + overhead
+    with_repa = make_batch(1, *CASES[1])  # REPA targets travel unpadded: exactly their bytes more (bf16 here)
+    repa_wire = sum(t.numel() * t.element_size() for t in _payload(with_repa))
+    with_repa.repa = None
+    assert repa_wire - sum(t.numel() * t.element_size() for t in _payload(with_repa)) == 3 * 15 * 6 * 2
 
 
 def test_every_length_dtype_and_flag_round_trips(tmp_path):

@@ -17,7 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .config_checks import ConfigError, _choice, _positive, _probability
 from .config_eval import EvalConfig  # the eval section; ConfigError is re-exported for every caller
-from .config_train_methods import MuonConfig, PhemaConfig, check_methods_parallel
+from .config_train_methods import MuonConfig, PhemaConfig, RepaConfig, check_methods_parallel, check_repa
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -318,6 +318,7 @@ class TrainConfig:
     optimizer: str = "adamw"
     muon: MuonConfig = field(default_factory=MuonConfig)
     phema: PhemaConfig = field(default_factory=PhemaConfig)  # post-hoc EMA (EDM2), off by default
+    repa: RepaConfig = field(default_factory=RepaConfig)  # representation alignment (REPA), off by default
 
     def __post_init__(self) -> None:
         _positive("train.total_steps", self.total_steps)
@@ -377,6 +378,7 @@ class Config:
             )
         if len(pooled) > 1:
             raise ConfigError("at most one encoders.text entry may have kind=pooled")
+        check_repa(self.train.repa, self.model.depth)
         if self.encoders.text and bool(pooled) != bool(self.model.pooled_dim):
             raise ConfigError(
                 f"model.pooled_dim={self.model.pooled_dim} but {len(pooled)} pooled encoder(s) configured; "

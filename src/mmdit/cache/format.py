@@ -13,6 +13,9 @@ Each shard file holds, for the ``n`` rows of its input shard (``row`` = row numb
   ``latents=posterior``), ``mean/<h>x<w>`` only (``latents=mean``), or ``image/<h>x<w>`` uint8 [k, h, w, 3]
   (pixel space). With ``data.random_flip`` the mirrored image's tensors follow as ``mean_flip/...`` etc.
   (a VAE latent of a mirrored image is not the mirrored latent).
+* with ``train.repa.enabled``: ``repa/<h>x<w>`` [k, tokens, D] (and ``repa_flip/...``), the REPA teacher's
+  targets on the image-token grid of ``model.pixel_step`` in the encoders' dtype (:mod:`mmdit.encoders.vision`);
+  the manifest's ``teacher`` names the teacher and ``content["repa"]`` what a training config must match.
 * ``corrupt`` uint8 [n]: 1 where the image could not be decoded (training replaces it, as online).
 * per caption column ``j`` (``data.caption_columns`` order) and sequence encoder ``i``:
   ``text/<j>/<i>/mask`` uint8 [n, L_i] (the tokenizer's mask at the padded length), ``text/<j>/<i>/tokens``
@@ -67,8 +70,8 @@ def index_identity(index: BucketIndex) -> str:
 
 def content_of(cfg: Config) -> dict:
     """The config fields a cache's contents depend on: a training config must match them to use the cache."""
-    enc, data = cfg.encoders, cfg.data
-    return {
+    enc, data, repa = cfg.encoders, cfg.data, cfg.train.repa
+    content = {
         "text_encoders": [{"name": t.name, "kind": t.kind, "max_length": t.max_length} for t in enc.text],
         "vae": enc.vae,
         "vae_subfolder": enc.vae_subfolder,
@@ -78,6 +81,9 @@ def content_of(cfg: Config) -> dict:
         "image_background": list(data.image_background),
         "max_image_pixels": data.max_image_pixels,
     }
+    if repa.enabled:  # REPA targets only when asked for: a cache with them serves a config without REPA too
+        content["repa"] = {"encoder": repa.encoder, "image_size": repa.image_size, "pixel_step": cfg.model.pixel_step}
+    return content
 
 
 def folder_revision(path: str) -> str:
@@ -133,6 +139,9 @@ def check_matches(manifest: dict, cfg: Config, cache_dir: str | Path, index: Buc
     recorded = [e.get("revision", "unknown") for e in manifest.get("encoders", [])]
     if cfg.encoders.vae:
         recorded.append(manifest.get("latents", {}).get("revision", "unknown"))
+    if cfg.train.repa.enabled and "teacher" in manifest:
+        configured.append(cfg.train.repa.encoder)
+        recorded.append(manifest["teacher"].get("revision", "unknown"))
     for name, then in zip(configured, recorded):  # same name, other weights (a new hub revision, a retrained folder)
         now = model_revision(name)
         if "unknown" not in (then, now) and then != now:

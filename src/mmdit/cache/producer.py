@@ -21,6 +21,7 @@ from ..data.indices import BucketIndex
 from ..data.rows import RowReader
 from ..data.segments import SegmentedSchedule
 from ..encoders.vae import images_to_float
+from ..train.repa import repa_active
 from ..train.transport import Batch
 from .reader import CacheReader, check_bucket
 
@@ -98,7 +99,11 @@ class CachedBatchProducer:
                 generator = torch.Generator(self.device).manual_seed(seed)
                 z = mean + std * randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
             latents = (z - self.shift) * self.scale
-        return Batch(step, torch.from_numpy(ids.astype(np.int64)), latents, assemble_text(samples), corrupt)
+        repa = None  # the stored REPA targets, while the term is on (as the online producer runs its teacher)
+        if repa_active(self.cfg.train.repa, step, self.cfg.train.accumulation_steps):
+            repa = torch.stack([s.image["repa"] for s in samples]).to(self.device)
+        return Batch(step, torch.from_numpy(ids.astype(np.int64)), latents, assemble_text(samples), corrupt,
+                     repa=repa)
 
     def make(self, step: int, model_index: int) -> Batch:
         return self.encode(step, self.read(step, model_index))

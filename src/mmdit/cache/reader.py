@@ -43,7 +43,7 @@ class CachedSample:
     """One sample as stored: image tensors (posterior mean/std, mean, or uint8 pixels) and its chosen caption."""
 
     sample_id: int
-    image: dict[str, torch.Tensor]  # "mean" (+ "std") [C, h, w], or "image" uint8 [h, w, 3]
+    image: dict[str, torch.Tensor]  # "mean" (+ "std") [C, h, w], or "image" uint8 [h, w, 3]; "repa" [tokens, D]
     masks: list[torch.Tensor]  # bool [L_i] per sequence encoder
     tokens: list[torch.Tensor]  # [real_i, D_i] per sequence encoder
     pooled: torch.Tensor | None  # [P]
@@ -52,7 +52,7 @@ class CachedSample:
 class _Shard:
     """One open cache shard: where each row's image tensors are, and the small per-row text tensors."""
 
-    def __init__(self, path: Path, columns: int, encoders: int, text_dtype: torch.dtype):
+    def __init__(self, path: Path, columns: int, encoders: int, text_dtype: torch.dtype, repa: bool):
         self.handle = safe_open(str(path), framework="pt")
         keys = set(self.handle.keys())
         self.text_dtype = text_dtype
@@ -63,7 +63,8 @@ class _Shard:
                 bucket = key.split("/", 1)[1]
                 for slot, row in enumerate(self.handle.get_tensor(key).tolist()):
                     self.slot[row] = (bucket, slot)
-        self.image_kinds = sorted({k.split("/")[0] for k in keys if k.split("/")[0] in ("mean", "std", "image")})
+        kinds = ("mean", "std", "image", "repa") if repa else ("mean", "std", "image")  # REPA targets when used
+        self.image_kinds = sorted({k.split("/")[0] for k in keys if k.split("/")[0] in kinds})
         self.present = [self.handle.get_tensor(f"text/{j}/present").numpy().astype(bool) for j in range(columns)]
         self.masks = [[self.handle.get_tensor(f"text/{j}/{i}/mask").bool() for i in range(encoders)]
                       for j in range(columns)]
@@ -103,13 +104,15 @@ class CacheReader:
         self.columns = len(cfg.data.caption_columns)
         self.encoders = sum(1 for e in self.manifest["encoders"] if e["kind"] == "sequence")
         self.text_dtype = _DTYPES[self.manifest["encoder_dtype"]]
+        self.repa = cfg.train.repa.enabled
         self.max_open = max_open
         self._open: OrderedDict[int, _Shard] = OrderedDict()
 
     def shard(self, file_id: int) -> _Shard:
         shard = self._open.get(file_id)
         if shard is None:
-            shard = _Shard(self.cache_dir / shard_name(file_id), self.columns, self.encoders, self.text_dtype)
+            shard = _Shard(self.cache_dir / shard_name(file_id), self.columns, self.encoders, self.text_dtype,
+                           self.repa)
             self._open[file_id] = shard
             if len(self._open) > self.max_open:
                 self._open.popitem(last=False)

@@ -1,4 +1,5 @@
-"""Precompute: read every bucketed row once, run the configured text encoders and VAE, write a cache.
+"""Precompute: read every bucketed row once, run the configured text encoders and VAE (and with ``train.repa``
+the REPA teacher), write a cache.
 
 Work is split by input shard (shard ``i`` belongs to rank ``i % world``); each output shard is written to
 a temporary name and renamed when complete, so a killed run restarted with the same arguments skips the
@@ -22,6 +23,7 @@ from ..data.indices import BucketIndex
 from ..data.rows import RowReader
 from ..encoders import TextEncoders, make_codec
 from ..encoders.vae import PixelCodec, VAECodec
+from ..encoders.vision import VisionTeacher, load_teacher, token_grid
 from .format import (
     FORMAT,
     INDEX,
@@ -57,14 +59,17 @@ def quantize_int8(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def build_manifest(cfg: Config, index: BucketIndex, encoders: TextEncoders, codec, latents: str,
-                   text_dtype: str) -> dict:
+                   text_dtype: str, teacher: VisionTeacher | None = None) -> dict:
     """What the cache holds and how it was made; ``content`` is what a training config must match."""
     vae = {"kind": "pixels"}
     if isinstance(codec, VAECodec):
         vae = {"kind": latents, "scaling_factor": codec.scaling_factor, "shift_factor": codec.shift_factor,
                "latent_channels": codec.latent_channels, "latent_factor": codec.latent_factor,
                "dtype": str(codec.dtype).removeprefix("torch."), "revision": model_revision(cfg.encoders.vae)}
+    repa = {} if teacher is None else {"teacher": {"name": teacher.name, "revision": model_revision(teacher.name),
+                                                   **teacher.describe()}}
     return {
+        **repa,
         "format": FORMAT,
         "version": VERSION,
         "content": content_of(cfg),
@@ -83,8 +88,8 @@ class ShardWriter:
     """Encodes the rows of one input shard into the tensors of one cache shard (see :mod:`.format`)."""
 
     def __init__(self, cfg: Config, index: BucketIndex, encoders: TextEncoders, codec, latents: str,
-                 text_dtype: str, batch_size: int):
-        self.cfg, self.index, self.encoders, self.codec = cfg, index, encoders, codec
+                 text_dtype: str, batch_size: int, teacher: VisionTeacher | None = None):
+        self.cfg, self.index, self.encoders, self.codec, self.teacher = cfg, index, encoders, codec, teacher
         self.latents, self.text_dtype, self.batch_size = latents, text_dtype, batch_size
         columns = list(cfg.data.caption_columns)
         # one caption column through the reader's own caption logic, the others as raw extra columns
@@ -93,11 +98,15 @@ class ShardWriter:
         self.columns = columns
 
     def _images(self, images: np.ndarray, out: dict, key: str) -> None:
-        """Add one bucket's image tensors (posterior, mean or pixels) under ``key`` suffix."""
+        """Add one bucket's image tensors (posterior, mean or pixels; the REPA targets) under ``key`` suffix."""
+        pixels = torch.from_numpy(images).permute(0, 3, 1, 2)
+        if self.teacher is not None:
+            grid = token_grid(self.cfg.model, *pixels.shape[2:])
+            out.setdefault(f"repa{key}", []).append(self.teacher.features(pixels, grid).cpu())
         if isinstance(self.codec, PixelCodec):
             out.setdefault(f"image{key}", []).append(torch.from_numpy(images))
             return
-        mean, std = posterior(self.codec, torch.from_numpy(images).permute(0, 3, 1, 2))
+        mean, std = posterior(self.codec, pixels)
         out.setdefault(f"mean{key}", []).append(mean.cpu())
         if self.latents == "posterior":
             out.setdefault(f"std{key}", []).append(std.cpu())
@@ -209,8 +218,9 @@ def precompute(cfg: Config, output_dir: str | Path, rank: int = 0, world: int = 
     index = BucketIndex.load(cfg.data.bucket_indices_path, cfg.data.parquet_folder)
     encoders = TextEncoders.from_config(cfg.encoders, dev)
     codec = make_codec(cfg.encoders, dev)
-    _prepare(cfg, output_dir, index, build_manifest(cfg, index, encoders, codec, latents, text_dtype))
-    writer = ShardWriter(cfg, index, encoders, codec, latents, text_dtype, batch_size)
+    teacher = load_teacher(cfg.train.repa, dev, cfg.encoders.dtype) if cfg.train.repa.enabled else None
+    _prepare(cfg, output_dir, index, build_manifest(cfg, index, encoders, codec, latents, text_dtype, teacher))
+    writer = ShardWriter(cfg, index, encoders, codec, latents, text_dtype, batch_size, teacher)
     written = skipped = rows = 0
     t0 = time.perf_counter()
     for file_id in range(rank, len(index.files), world):

@@ -10,7 +10,8 @@ for real Hugging Face names (``AutoTokenizer`` / ``AutoModel`` / ``CLIPTextModel
 * ``vae``        ``AutoencoderKL`` with 16 latent channels and 8x downsampling, SD3's shift/scale.
 
 ``build_tiny_vlm(out_dir)`` writes a tiny LLaVA (the recaptioning VLM, :mod:`mmdit.data.recaption`);
-the CLI builds it too, as ``<dir>/vlm``.
+``build_tiny_dinov2(out_dir)`` a tiny ``Dinov2Model`` (a REPA teacher, :mod:`mmdit.encoders.vision`); the CLI
+builds both too, as ``<dir>/vlm`` and ``<dir>/dinov2``.
 
 Tokenizers are ``tokenizers`` WordPiece models whose vocabulary is learned offline from generated
 caption-like sentences, wrapped in ``PreTrainedTokenizerFast`` (transformers 5 saves it as a
@@ -325,6 +326,24 @@ def build_tiny_vlm(out: str | os.PathLike, seed: int = 0) -> str:
     return str(out.resolve())
 
 
+DINOV2_DIM = 40
+DINOV2_PATCH = 4
+DINOV2_IMAGE_SIZE = 32  # 8 x 8 patches at the size it was "trained" at
+
+
+def build_tiny_dinov2(out: str | os.PathLike, seed: int = 0) -> str:
+    """A tiny random-weight ``Dinov2Model`` (width 40, 2 layers, 4 px patches) saved to ``out``: a REPA teacher
+    that loads through ``train.repa.encoder`` exactly as facebook/dinov2-base does."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    cfg = Dinov2Config(hidden_size=DINOV2_DIM, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
+                       patch_size=DINOV2_PATCH, image_size=DINOV2_IMAGE_SIZE)
+    _seed_all(seed + 5)
+    model = Dinov2Model(cfg).eval()
+    model.save_pretrained(out)
+    return str(Path(out).resolve())
+
+
 def build_tiny_models(out_dir: str | os.PathLike, seed: int = 0) -> dict[str, str]:
     """Build and save the tiny models under ``out_dir``; returns {"gemma2"|"modernbert"|"clip"|"vae": folder}."""
     out_dir = Path(out_dir)
@@ -432,6 +451,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     dirs = build_tiny_models(args.out_dir, seed=args.seed)
     dirs["vlm"] = build_tiny_vlm(Path(args.out_dir) / "vlm", seed=args.seed)  # for data/recaption.py
+    dirs["dinov2"] = build_tiny_dinov2(Path(args.out_dir) / "dinov2", seed=args.seed)  # train.repa.encoder
     for name, path in dirs.items():
         print(f"{name:<11} {path}")
     dims = tiny_model_dims()

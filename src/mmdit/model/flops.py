@@ -1,7 +1,8 @@
 """FLOPs of the MMDiT for MFU and HFU, counted as torchtitan's Flux trainer does; 2 FLOPs per multiply-add.
 
 Each stream's matmuls run over its own tokens; adaLN modulation is per sample (y is one vector per image),
-not per token; the frozen text encoders and the VAE are not counted. Norms, activations and RoPE are not
+not per token; the frozen text encoders, the VAE and a REPA teacher are not counted (the REPA projector, which
+trains, is added by the trainer: :meth:`mmdit.train.repa.RepaHead.train_flops`). Norms, activations and RoPE are not
 matmuls and are left out. Joint attention counts what the kernel runs:
 
 - softmax attention costs 4 n_q n_k d per block forward (Q K^T and P V), n_q = all image + text tokens; the

@@ -105,15 +105,20 @@ class MMDiT(nn.Module, PyTorchModelHubMixin, library_name="mmdit", tags=["text-t
         return None if fn is None else _cached_rotors(fn, grid_h, grid_w, self.cfg.head_dim, self.position_scale,
                                                       device)
 
-    def forward(self, x: Tensor, t: Tensor, cond: TextCondition, route: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, cond: TextCondition, route: Tensor | None = None,
+                hidden_at: int | None = None) -> Tensor | tuple[Tensor, Tensor]:
         """``route``: indices [B, K] of the image tokens that go through the routed span alone (training with
-        ``model.route``, :mod:`.routing`); None runs every token through every block."""
+        ``model.route``, :mod:`.routing`); None runs every token through every block. ``hidden_at``: also return
+        the image-stream output tokens of that block, [B, N, D] ([B, K, D] inside a routed span), as
+        ``(velocity, tokens)`` (REPA, :mod:`mmdit.train.repa`)."""
         b, c, h, w = x.shape
         p = self.cfg.patch_size
         if h % p or w % p:
             raise ValueError(f"latent size {h}x{w} is not divisible by model.patch_size={p}")
         if c != self.cfg.in_channels:
             raise ValueError(f"input has {c} channels, model.in_channels={self.cfg.in_channels}")
+        if hidden_at is not None and not 0 <= hidden_at < self.cfg.depth:
+            raise ValueError(f"hidden_at={hidden_at} is not a block of model.depth={self.cfg.depth}")
         grid_h, grid_w = h // p, w // p
         img = self.patch_embed(patchify(x, p).to(self.patch_embed.weight.dtype))  # FSDP: bf16 weights, fp32 x
         if self.cfg.pos_encoding == "absolute":
@@ -134,9 +139,12 @@ class MMDiT(nn.Module, PyTorchModelHubMixin, library_name="mmdit", tags=["text-t
                 img, rope = gather_tokens(img, route), gather_angles(rope, route)
                 attend, mask = plan_attention(self.cfg.attention, key_mask[:, : txt.shape[1] + route.shape[1]])
             img, txt = block(img, txt, y, mask, rope, attend)
+            if i == hidden_at:
+                hidden = img
             if span and i == span.stop - 1:  # the others rejoin where they were
                 img, rope, (attend, mask) = rejoin(full, img, route), full_rope, full_plan
-        return unpatchify(self.final(img, y), p, c, h, w)
+        velocity = unpatchify(self.final(img, y), p, c, h, w)
+        return velocity if hidden_at is None else (velocity, hidden)
 
 
 @lru_cache(maxsize=64)

@@ -22,6 +22,8 @@ from ..data.rows import RowReader
 from ..data.segments import SegmentedSchedule
 from ..encoders import TextEncoders, make_codec
 from ..encoders.cache import CaptionCache
+from ..encoders.vision import load_teacher, token_grid
+from .repa import repa_active
 from .stopping import EndListener, StopRequest
 from .topology import Topology
 from .transport import Batch, recv_batch, send_batch, send_end
@@ -56,13 +58,15 @@ def make_producer(cfg: Config, schedule: SegmentedSchedule, index: BucketIndex, 
 
 
 class BatchProducer:
-    """Reads, decodes, tokenizes, text-encodes and VAE-encodes the micro-batch of (step, model index)."""
+    """Reads, decodes, tokenizes, text-encodes and VAE-encodes the micro-batch of (step, model index); with
+    ``train.repa`` the teacher encodes the same pixels into the targets of the image tokens."""
 
     def __init__(self, cfg: Config, schedule: SegmentedSchedule, index: BucketIndex, device: torch.device):
         self.cfg, self.schedule, self.index, self.device = cfg, schedule, index, device
         self._local = threading.local()  # a RowReader per worker thread (readers are not thread-safe)
         self.text = CaptionCache(TextEncoders.from_config(cfg.encoders, device).encode, cfg.encoders.caption_cache)
         self.codec = make_codec(cfg.encoders, device)
+        self.teacher = load_teacher(cfg.train.repa, device, cfg.encoders.dtype) if cfg.train.repa.enabled else None
         self.corrupt_total = 0
         self._pool = ThreadPoolExecutor(max_workers=max(1, cfg.data.num_workers))
 
@@ -110,7 +114,10 @@ class BatchProducer:
         latents = self.codec.encode(images.to(self.device), generator=generator)
         # text cut to the batch's longest caption (rounded up to 16): fewer bytes on the wire, fewer FLOPs
         cond = self.text.encode([s.caption for s in samples]).trimmed(16)
-        return Batch(step, torch.from_numpy(ids.astype(np.int64)), latents, cond, corrupt)
+        repa = None
+        if self.teacher is not None and repa_active(self.cfg.train.repa, step, self.cfg.train.accumulation_steps):
+            repa = self.teacher.features(images, token_grid(self.cfg.model, *images.shape[2:]))
+        return Batch(step, torch.from_numpy(ids.astype(np.int64)), latents, cond, corrupt, repa=repa)
 
     def make(self, step: int, model_index: int) -> Batch:
         return self.encode(step, self.read(step, model_index))

@@ -8,6 +8,7 @@ Layout of ``<run_dir>/step_<N:08d>/``::
     scheduler.pt         LR scheduler state dict   (absent if None)
     scaler.pt            AMP GradScaler state dict (absent if None)
     phema.safetensors    post-hoc EMA profiles      (only with train.phema.enabled; extra_weights)
+    repa.pt              REPA projector + its optimizer state (only with train.repa.enabled; extra_states)
     trainer_state.json   step, data cursor, RNG states of every rank, wandb id, ... (JSON)
     config.yaml          the resolved config (mmdit.config.save_config)
     COMPLETE             JSON manifest (step, files, tensor file sizes); written last
@@ -181,12 +182,14 @@ def save_checkpoint(
     config: Any,
     keep_last: int,
     extra_weights: dict[str, dict[str, torch.Tensor]] | None = None,
+    extra_states: dict[str, dict] | None = None,
 ) -> Path:
     """Write ``<run_dir>/step_<step>/`` atomically, then keep only the newest ``keep_last`` (<= 0: keep all).
 
     ``trainer_state`` must be JSON-safe after :func:`to_jsonable` (tensors/arrays are encoded);
     ``step`` is stored in it. ``extra_weights``: more tensor files, ``<key>.safetensors`` (read back with
-    :func:`load_extra_weights`). Call from one process only (global rank 0). Returns the step directory.
+    :func:`load_extra_weights`); ``extra_states``: more state dicts, ``<key>.pt`` (:func:`load_extra_state`).
+    Call from one process only (global rank 0). Returns the step directory.
     """
     final, tmp = begin_save(run_dir, step)
     t0 = time.monotonic()
@@ -200,7 +203,8 @@ def save_checkpoint(
     for key, state in (extra_weights or {}).items():
         _write_safetensors(state, tmp / f"{key}.safetensors", key)
         files.append(f"{key}.safetensors")
-    write_states(tmp, files, optimizer=optimizer_state, scheduler=scheduler_state, scaler=scaler_state)
+    write_states(tmp, files, optimizer=optimizer_state, scheduler=scheduler_state, scaler=scaler_state,
+                 **(extra_states or {}))
     commit_save(final, tmp, step, files, trainer_state, config, keep_last)
     log.info("saved checkpoint %s in %.1fs", final, time.monotonic() - t0)
     return final
@@ -220,11 +224,13 @@ def begin_save(run_dir: str | Path, step: int) -> tuple[Path, Path]:
 
 
 def write_states(tmp: Path, files: list[str], **states: Any) -> None:
-    """The optimizer / scheduler / scaler ``.pt`` files (keys of STATE_FILES) that are not None."""
+    """The ``.pt`` files of the states that are not None: optimizer / scheduler / scaler (STATE_FILES), any
+    other key as ``<key>.pt``."""
     for key, obj in states.items():
         if obj is not None:
-            _write_torch(obj, tmp / STATE_FILES[key])
-            files.append(STATE_FILES[key])
+            name = STATE_FILES.get(key, f"{key}.pt")
+            _write_torch(obj, tmp / name)
+            files.append(name)
 
 
 def commit_save(final: Path, tmp: Path, step: int, files: list[str], trainer_state: dict, config: Any,
@@ -435,6 +441,11 @@ def load_extra_weights(path: str | Path, key: str, *, device: str = "cpu") -> di
     """``<key>.safetensors`` of a step directory (``save_checkpoint(extra_weights=...)``), None if absent."""
     f = Path(path) / f"{key}.safetensors"
     return load_file(str(f), device=device) if f.is_file() else None
+
+
+def load_extra_state(path: str | Path, key: str, *, map_location: Any = "cpu") -> dict | None:
+    """``<key>.pt`` of a step directory (``extra_states``), None if absent; loaded with weights_only=True."""
+    return _load_torch(Path(path), f"{key}.pt", map_location) if (Path(path) / f"{key}.pt").is_file() else None
 
 
 def read_trainer_state(path: str | Path) -> dict:

@@ -123,14 +123,18 @@ class ParallelModel:
     (the learnable time and text scales): they stay replicated plain tensors outside FSDP, and their
     gradients are averaged over the model ranks here, as DDP would. Build the optimizer and EMA after this.
     ``precision`` (:func:`mmdit.precision.precision_of`, FSDP only: DDP's weights and reduction are fp32 and
-    autocast is the caller's) defaults to ``train.precision=auto``.
+    autocast is the caller's) defaults to ``train.precision=auto``. ``extra``: parameters trained beside the
+    model but outside it (the REPA projector, :mod:`.repa`): plain and replicated under either kind, their
+    gradients averaged over the model ranks and clipped together with the model's.
     """
 
-    def __init__(self, model: nn.Module, parallel: str, rt, precision: Optional[Precision] = None):
+    def __init__(self, model: nn.Module, parallel: str, rt, precision: Optional[Precision] = None,
+                 extra: Optional[list[nn.Parameter]] = None):
         self.model, self.kind = model, parallel
         self.group = rt.model_group if rt.distributed else None
         self.num_ranks = rt.num_model_ranks
         self.ddp = None
+        self.extra = list(extra or [])
         self.replicated: list[nn.Parameter] = []
         if parallel == "fsdp":
             check_parallel(parallel, rt.distributed)
@@ -158,16 +162,14 @@ class ParallelModel:
         return contextlib.nullcontext()
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        """Average the replicated parameters' gradients (FSDP), then clip all by the global norm (a plain
-        tensor: the norm of sharded gradients is combined over the model ranks)."""
-        params = [p for p in self.model.parameters() if p.grad is not None]
+        """Average the gradients of the replicated (FSDP) and extra parameters over the model ranks, then clip
+        all by the global norm (a plain tensor: the norm of sharded gradients is combined over the model ranks)."""
+        extra = [p for p in self.extra if p.grad is not None]
+        self._average([p.grad for p in extra])
+        params = [p for p in self.model.parameters() if p.grad is not None] + extra
         if self.kind != "fsdp":
             return torch.nn.utils.clip_grad_norm_(params, max_norm)
-        replicated = [p.grad for p in self.replicated if p.grad is not None]
-        if replicated and self.num_ranks > 1:
-            flat = torch.stack(replicated)
-            torch.distributed.all_reduce(flat, group=self.group)
-            torch._foreach_copy_(replicated, list((flat / self.num_ranks).unbind()))
+        self._average([p.grad.reshape(1) for p in self.replicated if p.grad is not None])
         sharded = [p for p in params if isinstance(p, DTensor)]
         plain = [p for p in params if not isinstance(p, DTensor)]
         norms = [torch.nn.utils.get_total_norm([p.grad for p in group]) for group in (sharded, plain) if group]
@@ -176,3 +178,12 @@ class ParallelModel:
             if group:
                 torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
         return total
+
+    def _average(self, grads: list[torch.Tensor]) -> None:
+        """Gradients of plain parameters replicated on every model rank: their mean over the ranks, in place."""
+        if not grads or self.num_ranks <= 1:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat, group=self.group)
+        torch._foreach_copy_(grads, [part.view_as(g) for part, g in zip((flat / self.num_ranks).split(
+            [g.numel() for g in grads]), grads)])

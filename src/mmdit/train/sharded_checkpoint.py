@@ -5,7 +5,7 @@ Layout of ``<run_dir>/step_<N:08d>/`` (the same directory name as a full checkpo
 
     sharded/.metadata          DCP metadata (written last by DCP, by the first model rank)
     sharded/__<r>_0.distcp     model rank r's shards of {"model", "ema", "optimizer"} (+ "phema": post-hoc EMA)
-    scheduler.pt, scaler.pt    small, from the first model rank
+    scheduler.pt, scaler.pt    small, from the first model rank (+ repa.pt: the REPA projector, replicated)
     trainer_state.json, config.yaml, COMPLETE   as in a full checkpoint; COMPLETE lists every file above
 
 The first model rank cleans up and creates ``step_<N>.tmp-<pid>`` and sends its name to the other model
@@ -63,10 +63,12 @@ def _broadcast_path(path: Path | None, group, src: int) -> Path:
 def save_sharded(run_dir: str | Path, step: int, *, model: nn.Module, optimizer: torch.optim.Optimizer,
                  ema: ShardedEMA, scheduler_state: dict, scaler_state: dict, trainer_state: dict, config: Any,
                  keep_last: int, group, main_rank: int, is_main: bool,
-                 extra: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+                 extra: dict[str, dict[str, torch.Tensor]] | None = None,
+                 extra_states: dict[str, dict] | None = None) -> Path:
     """Every model rank calls this (a collective over ``group``; ``group=None``: one process, no
     process group, e.g. a test or a conversion); ``extra``: more state dicts saved beside the model's
-    (the post-hoc EMA profiles); returns the step directory."""
+    (the post-hoc EMA profiles); ``extra_states``: replicated states the first model rank writes as
+    ``<key>.pt`` (the REPA projector); returns the step directory."""
     t0 = time.monotonic()
     final, tmp = ckpt.begin_save(run_dir, step) if is_main else (None, None)
     if group is not None:
@@ -80,7 +82,7 @@ def save_sharded(run_dir: str | Path, step: int, *, model: nn.Module, optimizer:
         dcp.save(state, storage_writer=writer, process_group=group, no_dist=group is None)
     if is_main:  # DCP wrote .metadata after every rank's shard: the whole set is on disk
         files = sorted(str(p.relative_to(tmp)) for p in (tmp / SHARDED_DIR).iterdir() if p.is_file())
-        ckpt.write_states(tmp, files, scheduler=scheduler_state, scaler=scaler_state)
+        ckpt.write_states(tmp, files, scheduler=scheduler_state, scaler=scaler_state, **(extra_states or {}))
         ckpt.commit_save(final, tmp, step, files, trainer_state, config, keep_last,
                          {"sharded": True, "ranks": dist.get_world_size(group) if group is not None else 1})
         log.info("saved sharded checkpoint %s in %.1fs", final, time.monotonic() - t0)

@@ -32,6 +32,7 @@ from .metrics import LossByT, MetricsLogger
 from .optim import EMA, make_optimizer, make_scheduler
 from .parallel import ParallelModel, ShardedEMA
 from .phema_tracker import PowerFunctionEMA
+from .repa import RepaHead, aligned_targets, teacher_width
 from .resume import ResumePlan, agree_resume
 from .runtime import Runtime
 from .stopping import agree_step, send_end_request
@@ -54,6 +55,14 @@ def weights_digest(model: torch.nn.Module) -> str:
         h.update(name.encode())
         h.update(p.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def _keep_hidden(net, kept: list, *args):
+    """Call ``net`` (asked for the aligned block's tokens too) as the flow loss calls a model: keep the tokens in
+    ``kept``, return the velocity."""
+    velocity, hidden = net(*args)
+    kept.append(hidden)
+    return velocity
 
 
 def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype:
@@ -98,10 +107,14 @@ class Trainer(TrainerCheckpoints):
         self.model = MMDiT(cfg.model).to(self.device)
         self.fsdp = cfg.train.parallel == "fsdp"
         compiled = compile_enabled(cfg.train.compile, self.device)
+        # REPA's projector: the trainer's, beside the model (replicated, its own optimizer; mmdit.train.repa)
+        self.repa = RepaHead(cfg, teacher_width(cfg), self.device) if cfg.train.repa.enabled else None
+        extra = list(self.repa.projector.parameters()) if self.repa is not None else None
         if self.fsdp:  # torchtitan's order: checkpointing (in the blocks), compile, then shard
             if compiled:
                 compile_blocks(self.model)
-            self.parallel = ParallelModel(self.model, "fsdp", rt, precision_of(cfg.train.precision, rt.device, "fsdp"))
+            self.parallel = ParallelModel(self.model, "fsdp", rt, precision_of(cfg.train.precision, rt.device, "fsdp"),
+                                          extra=extra)
             self.ema: EMA | ShardedEMA = ShardedEMA(self.model)
         else:
             self.ema = EMA(self.model)
@@ -120,14 +133,16 @@ class Trainer(TrainerCheckpoints):
         if not self.fsdp:
             if compiled:  # regional: each JointBlock, after the EMA copy
                 compile_blocks(self.model)
-            self.parallel = ParallelModel(self.model, "ddp", rt)
+            self.parallel = ParallelModel(self.model, "ddp", rt, extra=extra)
 
     # ---------------------------------------------------------------- one step
     def _generator(self, micro: int) -> torch.Generator:
         seed = int(np.random.SeedSequence([self.cfg.train.seed, micro, self.model_index]).generate_state(1)[0])
         return torch.Generator(self.device).manual_seed(seed)
 
-    def _micro_step(self, batch, micro: int, sync: bool, loss_by_t: LossByT) -> torch.Tensor:
+    def _micro_step(self, batch, micro: int, sync: bool, loss_by_t: LossByT) -> tuple[torch.Tensor, int]:
+        """Forward and backward of one micro-batch; returns its flow loss (on the device) and the image tokens
+        REPA's projector saw (0 without the term)."""
         x0 = batch.latents.float()
         g = self._generator(micro)
         n = x0.shape[0]
@@ -137,26 +152,43 @@ class Trainer(TrainerCheckpoints):
         keep = cfg_dropout_keep(n, batch.cond.num_encoders, self.cfg.flow.p_uncond,
                                 encoder_drop_probs(self.cfg.encoders.text) or None, generator=g, device=self.device)
         cond = batch.cond.keep(keep)
-        net = self.parallel.net
+        net, route = self.parallel.net, None
         if self.cfg.model.route:  # TREAD: this micro-step's routed tokens, the same on every model rank
             g_route = route_generator(self.cfg.train.seed, micro, self.device)
-            net = functools.partial(net, route=route_indices(n, tokens, self.cfg.model.route, g_route))
+            route = route_indices(n, tokens, self.cfg.model.route, g_route)
+            net = functools.partial(net, route=route)
+        aligned: list[torch.Tensor] = []  # REPA: the aligned block's image tokens, from the same forward
+        if self.repa is not None and self.repa.active(micro):
+            if batch.repa is None:
+                raise RuntimeError(f"micro-step {micro} has train.repa on but its batch carries no teacher targets")
+            net = functools.partial(_keep_hidden, functools.partial(net, hidden_at=self.cfg.train.repa.block),
+                                    aligned)
         with self.parallel.grad_sync(sync):
             with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
                 loss, per_sample = flow_loss(net, x0, cond, t, eps, weighting=self.cfg.flow.loss_weighting)
-            self.scaler.scale(loss / self.cfg.train.accumulation_steps).backward()
+                total = loss
+                if aligned:
+                    targets = aligned_targets(batch.repa, self.cfg, route)
+                    total = loss + self.cfg.train.repa.weight * self.repa.loss(aligned[0], targets)
+            self.scaler.scale(total / self.cfg.train.accumulation_steps).backward()
         loss_by_t.add(t, per_sample)
-        return loss.detach()
+        return loss.detach(), (n * aligned[0].shape[1] if aligned else 0)
 
-    def _optimizer_step(self, stop_local: bool = False) -> tuple[torch.Tensor, bool, bool]:
+    def _optimizer_step(self, stop_local: bool = False, repa: bool = False) -> tuple[torch.Tensor, bool, bool]:
         """Clip, then step unless any model rank's gradients are not finite; returns (grad norm, finite,
-        stop: whether any model rank asked to stop). The step's one host sync is :func:`agree_step`."""
-        self.scaler.unscale_(self.optimizer)
+        stop: whether any model rank asked to stop). The step's one host sync is :func:`agree_step`. ``repa``:
+        the REPA projector has gradients in this step: it steps too."""
+        optimizers = [self.optimizer, *([self.repa.optimizer] if repa else [])]
+        if repa:
+            self.repa.set_lr(self.step)
+        for optimizer in optimizers:
+            self.scaler.unscale_(optimizer)
         grad_norm = self.parallel.clip_grad_norm_(self.cfg.train.grad_clip)
         finite, stop = agree_step(grad_norm, stop_local, self.rt.model_group if self.rt.distributed else None,
                                   self.rt.num_model_ranks)
         if finite:
-            self.scaler.step(self.optimizer)
+            for optimizer in optimizers:
+                self.scaler.step(optimizer)
             self.nonfinite_in_row = 0
         else:
             self.skipped += 1
@@ -165,7 +197,8 @@ class Trainer(TrainerCheckpoints):
                 raise NonFiniteError(f"{self.nonfinite_in_row} optimizer steps in a row had non-finite gradients "
                                      f"(step {self.step}); lower train.lr or check the data")
         self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return grad_norm.detach(), finite, stop
 
@@ -240,6 +273,7 @@ class Trainer(TrainerCheckpoints):
         stopped = False
         while self.step < cfg.train.total_steps:
             flagged = False  # a batch of this step says its loader was asked to stop
+            repa_tokens = 0  # image tokens the REPA projector saw in this step
             for k in range(accum):
                 # after micro-step 0 the host runs ahead of queued device work: a wait hidden behind it is no wait
                 batch = source.get(micro, hidden=self._device_busy if k else None).to(self.device)
@@ -249,16 +283,19 @@ class Trainer(TrainerCheckpoints):
                     sample_log.write(json.dumps({"micro": micro, "bucket": list(batch.latents.shape[2:]),
                                                  "ids": batch.sample_ids.tolist()}) + "\n")
                     sample_log.flush()  # current even if the process is killed next
-                loss = self._micro_step(batch, micro, sync=k == accum - 1, loss_by_t=loss_by_t)
+                loss, aligned = self._micro_step(batch, micro, sync=k == accum - 1, loss_by_t=loss_by_t)
+                repa_tokens += aligned
                 b, _, h, w = batch.latents.shape
                 self.samples_seen += b * rt.num_model_ranks
                 pixels = (h * cfg.model.latent_factor, w * cfg.model.latent_factor)
                 # a device tensor where padded keys are skipped (no host sync): read at the report
                 flops, hw_flops = batch_train_flops(cfg.model, *pixels, batch.cond.masks, skip_padded)
+                if aligned:  # the projector trains: model FLOPs (the teacher, frozen on the loaders, is not)
+                    flops, hw_flops = (f + self.repa.train_flops(aligned) for f in (flops, hw_flops))
                 self.window.add(loss, b, b * (h // cfg.model.patch_size) * (w // cfg.model.patch_size), flops,
                                 hw_flops)
                 micro += 1
-            grad_norm, _, stopped = self._optimizer_step(rt.stop.requested or flagged)
+            grad_norm, _, stopped = self._optimizer_step(rt.stop.requested or flagged, repa=repa_tokens > 0)
             self.step += 1
             if self.step % cfg.train.ema_update_every == 0:
                 self.ema.update(self.model, cfg.train.ema_decay)
@@ -292,6 +329,8 @@ class Trainer(TrainerCheckpoints):
                    "data_wait_s": source.wait_s, "stream_error": stream_error}
         if cfg.train.weights_digest:  # a gather of every weight under FSDP: only when asked (tests)
             summary["weights_sha256"] = weights_digest(self.model)
+            if self.repa is not None:  # replicated on every model rank: equal when its gradients were averaged
+                summary["repa_sha256"] = weights_digest(self.repa.projector)
         (self.run_dir / f"summary_rank{rt.rank}.json").write_text(json.dumps(summary, indent=1))
         return summary
 
@@ -342,13 +381,16 @@ class Trainer(TrainerCheckpoints):
         elapsed = window.elapsed()
         mine = RankBalance(self.rt.rank, source.wait_s - window.wait_start, elapsed,
                            self.rt.topology.loader_of(self.rt.rank), loader_busy, float(window.loss), window.n)
-        ranks = gather_balance(mine, self.rt.model_group if self.rt.distributed else None, self.rt.num_model_ranks)
+        group = self.rt.model_group if self.rt.distributed else None
+        ranks = gather_balance(mine, group, self.rt.num_model_ranks)
+        repa = self.repa.report(group, self.rt.num_model_ranks) if self.repa is not None else {}
         if logger is not None:
             warning = self.balance.update(self.step, self.step - window.step, ranks)
             if warning:
                 log.warning("%s", warning)
             values = {
                 "loss": mean_loss(ranks),  # every model rank's micro-steps
+                **repa,  # repa_loss: the REPA term's mean (unweighted), while it is on
                 "lr": self.scheduler.get_last_lr()[0],
                 "grad_norm": float(grad_norm),
                 "skipped_steps": self.skipped,

@@ -33,6 +33,7 @@ class TrainerCheckpoints:
             self.step, self.skipped, self.corrupt = ts["step"], ts.get("skipped", 0), ts.get("corrupt", 0)
             self.wandb_id = ts.get("wandb_id")
             self._restore_phema(path, ts)
+            self._restore_repa(path)
             rng = ts.get("rng", [])
             if self.model_index < len(rng):
                 restore_rng_state(rng[self.model_index])
@@ -71,6 +72,15 @@ class TrainerCheckpoints:
             self.phema.start_from(self.model, self.samples_seen, int(ts["step"]))
         else:
             self.phema.load_state_dict(tensors, ts["phema"])
+
+    def _restore_repa(self, path: Path) -> None:
+        if self.repa is None:
+            return
+        state = ckpt.load_extra_state(path, "repa", map_location=self.device)
+        if state is None:
+            log.warning("%s holds no REPA projector (train.repa was off): it starts fresh", path)
+        else:
+            self.repa.load_state_dict(state, path)
 
     def _load_states(self, path: Path) -> dict:
         """Weights, EMA, optimizer, scheduler and scaler from a full or a sharded checkpoint, whichever this
@@ -122,13 +132,15 @@ class TrainerCheckpoints:
         }
         if self.phema is not None:
             trainer_state["phema"] = self.phema.meta()
+        repa = {"repa": self.repa.state_dict()} if self.repa is not None else None  # replicated: one copy
         if self.fsdp:  # every model rank writes its shard
             sharded.save_sharded(
                 self.run_dir, self.step, model=self.model, optimizer=self.optimizer, ema=self.ema,
                 scheduler_state=self.scheduler.state_dict(), scaler_state=self.scaler.state_dict(),
                 trainer_state=trainer_state, config=self.cfg, keep_last=self.cfg.train.keep_last,
                 group=self.rt.model_group, main_rank=self.rt.topology.model_ranks[0], is_main=self.rt.is_main,
-                extra={"phema": self.phema.state_dict()} if self.phema is not None else None)
+                extra={"phema": self.phema.state_dict()} if self.phema is not None else None,
+                extra_states=repa)
             return
         path = ckpt.save_checkpoint(
             self.run_dir, self.step, model_state=self.model.state_dict(), ema_state=self.ema.state_dict(),
@@ -136,5 +148,6 @@ class TrainerCheckpoints:
             scaler_state=self.scaler.state_dict(), trainer_state=trainer_state, config=self.cfg,
             keep_last=self.cfg.train.keep_last,
             extra_weights={"phema": self.phema.state_dict()} if self.phema is not None else None,
+            extra_states=repa,
         )
         log.info("saved %s", path)

@@ -14,6 +14,9 @@ token vectors, packed; the header carries how many there are, and the receiver p
 zeros (the model never reads padded slots). The wire then carries the unpadded payload plus a header and
 the masks (``bench/streaming.py`` prints the ratio).
 
+With REPA (:mod:`mmdit.train.repa`) the teacher's targets travel too, [B, tokens, D] on the image-token grid in
+the encoders' dtype; the header's last three slots give their tokens, width and dtype (width 0: none).
+
 The header's ``flags`` carry the stop protocol (:mod:`mmdit.train.stopping`) inside the data stream:
 ``FLAG_STOP_REQUESTED`` on a batch says its loader was asked to stop (a signal reached the loader), and
 an *end message* (``FLAG_END``, a header with no tensors after it) tells a model rank that its loader
@@ -35,7 +38,8 @@ MAGIC = 0x4D4D4454  # "MMDT"
 MAX_ENCODERS = 4
 _FIXED = 13
 _PER_ENCODER = 4  # length, width, real tokens, dtype
-HEADER_SIZE = _FIXED + _PER_ENCODER * MAX_ENCODERS
+_REPA = _FIXED + _PER_ENCODER * MAX_ENCODERS  # REPA targets: tokens, width (0 = none), dtype
+HEADER_SIZE = _REPA + 3
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 FLAG_STOP_REQUESTED = 1  # the loader that sent this batch was asked to stop
 FLAG_END = 2  # no batch follows this header: the loader is done
@@ -54,6 +58,7 @@ class Batch:
     stop_requested: bool = False  # its loader was asked to stop (FLAG_STOP_REQUESTED)
     ready: object = None  # a CUDA event: the side-stream copy to the device is done once it has fired
     loader_busy: float = 0.0  # its loader's recent busy fraction (from the header)
+    repa: Tensor | None = None  # REPA teacher targets [B, image tokens, D] (train.repa), else None
 
     @property
     def size(self) -> int:
@@ -62,12 +67,14 @@ class Batch:
     def to(self, device: torch.device, dtype: torch.dtype | None = None) -> Batch:
         return Batch(self.step, self.sample_ids, self.latents.to(device, dtype or self.latents.dtype,
                                                                  non_blocking=True),
-                     self.cond.to(device, dtype), self.corrupt, self.stop_requested, self.ready, self.loader_busy)
+                     self.cond.to(device, dtype), self.corrupt, self.stop_requested, self.ready, self.loader_busy,
+                     None if self.repa is None else self.repa.to(device, non_blocking=True))
 
     def device_tensors(self) -> list[Tensor]:
         """The tensors the model reads (sample ids stay on the host)."""
         cond = self.cond
-        return [self.latents, *cond.tokens, *cond.masks, *([] if cond.pooled is None else [cond.pooled])]
+        return [self.latents, *cond.tokens, *cond.masks, *([] if cond.pooled is None else [cond.pooled]),
+                *([] if self.repa is None else [self.repa])]
 
 
 @dataclass(frozen=True)
@@ -88,6 +95,8 @@ class Header:
     corrupt: int
     flags: int = 0  # FLAG_* bits
     loader_busy: float = 0.0  # fraction of recent time the loader spent building batches (not waiting)
+    repa_shape: tuple[int, int] = (0, 0)  # REPA targets per sample: (tokens, width); width 0 = none
+    repa_dtype: torch.dtype = torch.float32
 
     def encode(self) -> Tensor:
         h = torch.zeros(HEADER_SIZE, dtype=torch.int64)
@@ -98,6 +107,7 @@ class Header:
         ])
         for i, (shape, dtype) in enumerate(zip(self.text_shapes, self.text_dtypes, strict=True)):
             h[_FIXED + _PER_ENCODER * i:_FIXED + _PER_ENCODER * (i + 1)] = torch.tensor([*shape, DTYPES.index(dtype)])
+        h[_REPA:] = torch.tensor([*self.repa_shape, DTYPES.index(self.repa_dtype)])
         return h
 
     @staticmethod
@@ -107,7 +117,8 @@ class Header:
             raise RuntimeError(f"data message header has magic {v[0]:#x}, expected {MAGIC:#x}: ranks out of step")
         slots = [v[_FIXED + _PER_ENCODER * i:_FIXED + _PER_ENCODER * (i + 1)] for i in range(v[8])]
         return Header(v[1], v[2], v[3], v[4], v[5], DTYPES[v[6]], tuple(tuple(s[:3]) for s in slots),
-                      tuple(DTYPES[s[3]] for s in slots), v[9], DTYPES[v[7]], v[10], v[11], v[12] / 1000)
+                      tuple(DTYPES[s[3]] for s in slots), v[9], DTYPES[v[7]], v[10], v[11], v[12] / 1000,
+                      (v[_REPA], v[_REPA + 1]), DTYPES[v[_REPA + 2]])
 
 
 def header_of(batch: Batch, flags: int = 0, loader_busy: float = 0.0) -> Header:
@@ -115,11 +126,13 @@ def header_of(batch: Batch, flags: int = 0, loader_busy: float = 0.0) -> Header:
     if len(cond.tokens) > MAX_ENCODERS:
         raise ValueError(f"at most {MAX_ENCODERS} sequence encoders can be streamed, got {len(cond.tokens)}")
     b, c, h, w = batch.latents.shape
-    pooled = cond.pooled
+    pooled, repa = cond.pooled, batch.repa
     return Header(batch.step, b, c, h, w, batch.latents.dtype,
                   tuple((t.shape[1], t.shape[2], int(m.sum())) for t, m in zip(cond.tokens, cond.masks)),
                   tuple(t.dtype for t in cond.tokens), 0 if pooled is None else pooled.shape[1],
-                  torch.float32 if pooled is None else pooled.dtype, batch.corrupt, flags, loader_busy)
+                  torch.float32 if pooled is None else pooled.dtype, batch.corrupt, flags, loader_busy,
+                  (0, 0) if repa is None else (repa.shape[1], repa.shape[2]),
+                  torch.float32 if repa is None else repa.dtype)
 
 
 def _payload(batch: Batch) -> list[Tensor]:
@@ -129,6 +142,8 @@ def _payload(batch: Batch) -> list[Tensor]:
         tensors += [mask.to(torch.uint8), tok[mask]]  # only the real tokens travel: no padding on the wire
     if cond.pooled is not None:
         tensors.append(cond.pooled)
+    if batch.repa is not None:
+        tensors.append(batch.repa)
     return _to_host([t.detach() for t in tensors])
 
 
@@ -176,6 +191,8 @@ def recv_batch(src: int, group: dist.ProcessGroup) -> Batch | None:
         shapes += [((h.batch, length), torch.uint8), ((real, width), dtype)]
     if h.pooled_dim:
         shapes.append(((h.batch, h.pooled_dim), h.pooled_dtype))
+    if h.repa_shape[1]:
+        shapes.append(((h.batch, *h.repa_shape), h.repa_dtype))
     buffers = [torch.empty(shape, dtype=dtype, pin_memory=pin) for shape, dtype in shapes]
     works = [dist.irecv(buf, src=src, group=group) for buf in buffers]
     for work in works:
@@ -188,5 +205,6 @@ def recv_batch(src: int, group: dist.ProcessGroup) -> Batch | None:
         padded[masks[i]] = buffers[3 + 2 * i]
         tokens.append(padded)
     pooled = buffers[2 + 2 * n] if h.pooled_dim else None
+    repa = buffers[-1] if h.repa_shape[1] else None
     return Batch(h.step, buffers[0], buffers[1], TextCondition(tokens, masks, pooled), h.corrupt,
-                 bool(h.flags & FLAG_STOP_REQUESTED), loader_busy=h.loader_busy)
+                 bool(h.flags & FLAG_STOP_REQUESTED), loader_busy=h.loader_busy, repa=repa)
