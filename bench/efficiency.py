@@ -11,6 +11,10 @@ of config overrides joined by ``+``:
 - ``base``: the demo recipe (AdamW, EMA 0.995).
 - ``muon``: ``train.optimizer=muon`` (the blocks' matrices; AdamW keeps the rest; ``train.muon`` defaults).
 - ``route``: TREAD, ``model.route=0.5`` over blocks 1-2 of the 4 (``route_start=1 route_end=-1``).
+- ``repa``: REPA with the real EfficientNet-Lite0 as the teacher (``train.repa.encoder=effnet_lite0``, the
+  one real pretrained image network offline; block 1 of 4, weight 0.5); the targets of every training image
+  are computed once up front (the loader ranks' code, ``VisionTeacher.features``), the projector trains with
+  its own AdamW as in the trainer (``mmdit.train.repa.RepaHead``).
 - ``phema``: post-hoc EMA; two profiles (std 0.05, 0.10) tracked, snapshots every ``--snapshot_every`` steps,
   at the end the EMA length is chosen from ``--phema_stds`` by the held-out validation loss (the EDM2 recipe,
   with ``mmdit.reconstruct_ema``); the chosen weights replace the EMA's in the final scores.
@@ -58,6 +62,7 @@ METHODS = {
     "muon": ["train.optimizer=muon"],
     "route": ["model.route=0.5", "model.route_start=1", "model.route_end=-1"],
     "phema": [],  # tracked by the harness (train.phema is the trainer's switch)
+    "repa": ["train.repa.enabled=true", "train.repa.encoder=effnet_lite0", "train.repa.block=1"],
 }
 PHEMA_TRACKED = [0.05, 0.10]
 
@@ -119,6 +124,25 @@ def choose_phema(model: torch.nn.Module, snapshots_dir: Path, stds: list[float],
     return {"phema_std": best, "phema_losses": {f"{s:.3f}": round(v, 6) for s, v in losses.items()}}
 
 
+def teacher_targets(cfg, data: dict) -> dict:
+    """REPA targets of every training image, per bucket: [N, tokens, teacher width] (the loaders' code)."""
+    from mmdit.encoders.vision import load_teacher, token_grid
+
+    teacher = load_teacher(cfg.train.repa, "cpu")
+    out = {}
+    for key, (x, _, _) in data.items():
+        images = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+        grid = token_grid(cfg.model, *images.shape[2:])
+        out[key] = torch.cat([teacher.features(images[i:i + 64], grid) for i in range(0, len(images), 64)]).float()
+    return out
+
+
+def _keep_hidden(net, kept: list, *args):
+    velocity, hidden = net(*args)
+    kept.append(hidden)
+    return velocity
+
+
 def run(method: str, seed: int, args) -> dict:
     from mmdit.train.phema_tracker import PowerFunctionEMA
 
@@ -134,8 +158,15 @@ def run(method: str, seed: int, args) -> dict:
         ix = torch.tensor([row_of[c] for c in captions])
         return TextCondition([table["tokens"][ix]], [table["masks"][ix]], table["pooled"][ix])
 
+    targets = teacher_targets(cfg, data) if cfg.train.repa.enabled else None
     torch.manual_seed(seed)
     model = MMDiT(cfg.model)
+    head = None
+    if targets is not None:
+        from mmdit.train.repa import RepaHead
+
+        head = RepaHead(cfg, next(iter(targets.values())).shape[-1], torch.device("cpu"))
+    params = list(model.parameters()) + (list(head.projector.parameters()) if head is not None else [])
     optimizer = make_optimizer(model, cfg.train)
     scheduler = make_scheduler(optimizer, cfg.train)
     ema = EMA(model)
@@ -147,7 +178,8 @@ def run(method: str, seed: int, args) -> dict:
     batch, text_tokens = cfg.data.batch_size, [e.max_length for e in cfg.encoders.text if e.kind == "sequence"]
     curve, flops, t0 = [], 0.0, time.perf_counter()
     for step in range(1, args.steps + 1):
-        x_all, longs, shorts = data[keys[rng.choice(len(keys), p=weights / weights.sum())]]
+        key = keys[rng.choice(len(keys), p=weights / weights.sum())]
+        x_all, longs, shorts = data[key]
         ix = rng.integers(0, len(longs), batch)
         captions = [longs[i] if rng.random() < cfg.data.first_caption_prob else shorts[i] for i in ix]
         x0 = x_all[torch.as_tensor(ix)]
@@ -155,16 +187,28 @@ def run(method: str, seed: int, args) -> dict:
         t = sample_timesteps(batch, cfg.flow, generator=gen, num_tokens=h * w)
         eps = torch.randn(x0.shape, generator=gen)
         keep = cfg_dropout_keep(batch, 2, cfg.flow.p_uncond, None, generator=gen)
-        net = model
+        net, route, aligned = model, None, []
         if cfg.model.route:
-            net = functools.partial(model, route=route_indices(batch, h * w, cfg.model.route,
-                                                               route_generator(seed, step, torch.device("cpu"))))
+            route = route_indices(batch, h * w, cfg.model.route, route_generator(seed, step, torch.device("cpu")))
+            net = functools.partial(model, route=route)
+        if head is not None and head.active(step - 1):
+            net = functools.partial(_keep_hidden, functools.partial(net, hidden_at=cfg.train.repa.block), aligned)
         loss, _ = flow_loss(net, x0, condition(captions).keep(keep), t, eps, weighting=cfg.flow.loss_weighting)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        total = loss
+        if aligned:
+            from mmdit.train.repa import aligned_targets
+
+            wanted = aligned_targets(targets[key][torch.as_tensor(ix)], cfg, route)
+            total = loss + cfg.train.repa.weight * head.loss(aligned[0], wanted)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
+        if aligned:
+            head.set_lr(step - 1)
+            head.optimizer.step()
+            head.optimizer.zero_grad(set_to_none=True)
         ema.update(model, cfg.train.ema_decay)
         flops += batch * train_flops_per_image(cfg.model, x0.shape[2], x0.shape[3], text_tokens)
         if tracker is not None:
@@ -174,7 +218,8 @@ def run(method: str, seed: int, args) -> dict:
         if step % args.eval_every == 0 or step == args.steps:
             curve.append({"step": step, "flops": flops, "seconds": round(time.perf_counter() - t0, 1),
                           "val_ema": round(validation_loss(ema.model, chunks, cfg), 6),
-                          "val_raw": round(validation_loss(model, chunks, cfg), 6)})
+                          "val_raw": round(validation_loss(model, chunks, cfg), 6),
+                          **(head.report(None, 1) if head is not None else {})})
             print(json.dumps({"method": method, "seed": seed, **curve[-1]}), file=sys.stderr, flush=True)
     result = {"method": method, "seed": seed, "steps": args.steps, "batch": batch,
               "train_seconds": round(time.perf_counter() - t0, 1), "curve": curve}
