@@ -108,6 +108,8 @@ def main(argv=None) -> None:
     p.add_argument("--sample_seeds", type=int, default=2, help="sampling seeds per evaluation")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--cache", default="demo_out/caption_embeddings.pt", help="encoded caption vocabulary")
+    p.add_argument("--time_only", action="store_true",
+                   help="no scoring: print the step's images/s over steps 21..train.total_steps (BENCHMARKS.md)")
     args = p.parse_args(argv)
 
     cfg = load_config("tiny", args.overrides)
@@ -138,6 +140,8 @@ def main(argv=None) -> None:
     evals = {int(s) for s in args.evals.split(",") if s} | {total}
     batch, losses = cfg.data.batch_size, []
     for step in range(1, total + 1):
+        if step == 21:
+            t_steady = time.perf_counter()
         x_all, longs, shorts = data[keys[rng.choice(len(keys), p=weights / weights.sum())]]
         ix = rng.integers(0, len(longs), batch)
         captions = [longs[i] if rng.random() < cfg.data.first_caption_prob else shorts[i] for i in ix]
@@ -154,6 +158,11 @@ def main(argv=None) -> None:
         scheduler.step()
         ema.update(model, cfg.train.ema_decay)
         losses.append(loss.item())
+        if args.time_only:
+            if step == total:
+                print(json.dumps({"images_per_s": round((total - 20) * batch / (time.perf_counter() - t_steady), 1),
+                                  "threads": torch.get_num_threads()}))
+            continue
         if step not in evals:
             continue
         report = {"step": step, "loss": round(float(np.mean(losses[-100:])), 5),
