@@ -42,6 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gif_frames", choices=["x0", "state"], default="x0",
                    help="gif frames: the predicted clean image at each step (x0) or the noisy state (state)")
     p.add_argument("--gif_duration_ms", type=int, default=100, help="milliseconds per gif frame")
+    p.add_argument("--preview_vae", default=None,
+                   help="a cheap decoder of the same latent space for the gif's intermediate frames (e.g. TAEF2's "
+                        "folder beside the FLUX.2 VAE; default: the checkpoint's encoders.preview_vae)")
     return p.parse_args(argv)
 
 
@@ -77,7 +80,8 @@ def main(argv=None) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             check_size(args.width or cfg.model.max_res, args.height or cfg.model.max_res, cfg)
-        pipe = Pipeline.from_checkpoint(args.checkpoint, device=args.device, weights=args.weights)
+        pipe = Pipeline.from_checkpoint(args.checkpoint, device=args.device, weights=args.weights,
+                                        preview_vae=args.preview_vae)
         images, pngs, gifs = generate_to_folder(
             pipe, prompts, args.out, gif=args.gif, gif_duration_ms=args.gif_duration_ms, frame_mode=args.gif_frames,
             width=args.width, height=args.height, num_steps=args.num_steps, cfg_scale=args.cfg_scale,

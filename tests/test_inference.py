@@ -329,3 +329,37 @@ def test_autocast_over_fp32_weights_vs_bf16_weights(pixel_ckpt):
         assert pipe.model.condition.time.time_scale.dtype == torch.float32  # t x 1000 is never rounded
     default = Pipeline.from_checkpoint(pixel_ckpt, device="cpu")
     assert default.dtype == torch.float32 and default.precision == torch.float32  # CPU: no autocast
+
+
+def tiny_autoencoder_folder(path: Path, latent_channels: int) -> Path:
+    """A random TAESD-family pair (``preview_encoder.pth`` / ``preview_decoder.pth``), as TAEF2 ships them."""
+    from mmdit.encoders.tiny_autoencoder import TinyAutoencoder
+
+    torch.manual_seed(1)
+    net = TinyAutoencoder(latent_channels)
+    path.mkdir(parents=True)
+    torch.save(net.encoder.state_dict(), path / "preview_encoder.pth")
+    torch.save(net.decoder.state_dict(), path / "preview_decoder.pth")
+    return path
+
+
+def test_preview_decoder_draws_the_intermediate_frames_only(vae_ckpt, tmp_path):
+    """encoders.preview_vae (a tiny autoencoder of the same latent space) decodes the gif's intermediate frames;
+    the images and the last frame still come from encoders.vae, bit for bit; another latent space is refused."""
+    preview_dir = tiny_autoencoder_folder(tmp_path / "preview", latent_channels=16)
+    plain = Pipeline.from_checkpoint(vae_ckpt, device="cpu")
+    fast = Pipeline.from_checkpoint(vae_ckpt, device="cpu", preview_vae=str(preview_dir))
+    assert plain.preview is None and fast.preview is not None
+    calls = []
+    decode = fast.preview.decode
+    fast.preview.decode = lambda z: calls.append(z.shape) or decode(z)
+    kwargs = dict(width=64, height=64, num_steps=4, seed=3, return_frames=True)
+    images_a, frames_a = plain.generate(["a red circle"], **kwargs)
+    images_b, frames_b = fast.generate(["a red circle"], **kwargs)
+    assert len(calls) == 3 and len(frames_b[0]) == 4  # steps 1-3 previewed, the last one decoded by the VAE
+    assert np.array_equal(np.asarray(images_a[0]), np.asarray(images_b[0]))
+    assert np.array_equal(np.asarray(frames_a[0][-1]), np.asarray(frames_b[0][-1]))
+    assert not np.array_equal(np.asarray(frames_a[0][0]), np.asarray(frames_b[0][0]))
+    other = tiny_autoencoder_folder(tmp_path / "other", latent_channels=4)
+    with pytest.raises(CheckpointMismatchError, match="encoders.preview_vae"):
+        Pipeline.from_checkpoint(vae_ckpt, device="cpu", preview_vae=str(other))

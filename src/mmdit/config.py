@@ -153,6 +153,10 @@ class EncodersConfig:
     # Hugging Face name or folder of an AutoencoderKL; "" = pixel space (no VAE)
     vae: str = ""
     vae_subfolder: str = ""
+    # a cheap decoder of the same latent space (a TAESD-family folder, e.g. TAEF2 beside the FLUX.2 VAE) for the
+    # intermediate denoising frames (gifs, step callbacks); "" = the frames use encoders.vae. Final images
+    # always go through encoders.vae
+    preview_vae: str = ""
     dtype: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU
     # captions kept encoded on each loader (an LRU; misses are encoded one by one); 0 = off, for unique captions
     caption_cache: int = 0

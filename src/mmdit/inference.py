@@ -40,7 +40,7 @@ import random
 import re
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Union
 
@@ -121,11 +121,12 @@ class Pipeline:
     """A checkpoint's MMDiT with its text encoders and image codec, loaded once; :meth:`generate` samples."""
 
     def __init__(self, model, cfg: Config, encoders, codec, device, dtype, step_dir: Optional[Path] = None,
-                 weights: str = "ema", precision: Optional[torch.dtype] = None):
+                 weights: str = "ema", precision: Optional[torch.dtype] = None, preview=None):
         self.model = model
         self.cfg = cfg
         self.encoders = encoders
         self.codec = codec
+        self.preview = preview  # decodes the intermediate frames when set (encoders.preview_vae)
         self.device = torch.device(device)
         self.dtype = dtype  # of the weights (and of the inputs handed to the model)
         # autocast dtype over fp32 weights (training's numerics); bf16 weights run as they are
@@ -142,6 +143,13 @@ class Pipeline:
                 f"{codec.latent_channels} channels, factor {codec.latent_factor}) does not match model.in_channels="
                 f"{m.in_channels}, model.latent_factor={m.latent_factor}"
             )
+        if preview is not None and (preview.latent_channels, preview.latent_factor) != (m.in_channels,
+                                                                                        m.latent_factor):
+            raise CheckpointMismatchError(
+                f"the preview decoder (encoders.preview_vae): {preview.latent_channels} channels, factor "
+                f"{preview.latent_factor}; the model's latent space has {m.in_channels}, factor {m.latent_factor}: "
+                "give a decoder of the same latent space (TAEF2 for FLUX.2's VAE, TAESD3 for SD3's, ...)"
+            )
         if encoders is not None:
             if list(encoders.text_dims) != list(m.text_dims) or encoders.pooled_dim != m.pooled_dim:
                 raise CheckpointMismatchError(
@@ -157,6 +165,7 @@ class Pipeline:
         weights: str = "ema",
         dtype: Optional[torch.dtype] = None,
         precision: Optional[torch.dtype] = None,
+        preview_vae: Optional[str] = None,
     ) -> Pipeline:
         """Load a step directory, a run directory's newest complete checkpoint, an exported Hub-style folder or
         a Hub id (``owner/name``) of one.
@@ -165,6 +174,8 @@ class Pipeline:
         dtype: the diffusion model's weights, fp32 by default; ``torch.bfloat16`` saves memory at the cost of
         training's numerics. precision: the autocast dtype over fp32 weights (default bf16 on CUDA, fp32 =
         no autocast on the CPU). The text encoders and VAE use ``encoders.dtype`` (auto = bf16 on CUDA).
+        preview_vae: a cheap decoder of the same latent space for the intermediate frames (default: the
+        checkpoint's ``encoders.preview_vae``; "" = none).
         """
         from .encoders import TextEncoders, make_codec, resolve_dtype
 
@@ -175,8 +186,13 @@ class Pipeline:
         enc_device = "cpu" if device.type == "cuda" else device
         encoders = TextEncoders.from_config(cfg.encoders, enc_device, dtype=enc_dtype) if cfg.encoders.text else None
         codec = make_codec(cfg.encoders, device, dtype=enc_dtype)
-        log.info("loaded %s (%s weights) on %s", step_dir, weights, device)
-        return cls(model, cfg, encoders, codec, device, next(model.parameters()).dtype, step_dir, weights, precision)
+        preview_vae = cfg.encoders.preview_vae if preview_vae is None else preview_vae
+        preview = make_codec(replace(cfg.encoders, vae=preview_vae, vae_subfolder=""), device,
+                             dtype=enc_dtype) if preview_vae else None
+        log.info("loaded %s (%s weights) on %s%s", step_dir, weights, device,
+                 f", frames previewed by {preview_vae}" if preview_vae else "")
+        return cls(model, cfg, encoders, codec, device, next(model.parameters()).dtype, step_dir, weights, precision,
+                   preview)
 
     @property
     def step(self) -> Optional[int]:
@@ -204,11 +220,13 @@ class Pipeline:
         with torch.autocast(self.device.type, dtype=self.precision, enabled=use_autocast):
             return self.model(x.to(self.dtype), t.float(), cond).float()
 
-    def decode(self, latents: Tensor) -> list:
-        """Model-space latents [B, C, h, w] -> list of PIL images."""
+    def decode(self, latents: Tensor, preview: bool = False) -> list:
+        """Model-space latents [B, C, h, w] -> list of PIL images; ``preview``: by the preview decoder when there
+        is one (intermediate frames)."""
         from .encoders import to_pil
 
-        return to_pil(self.codec.decode(latents))
+        codec = self.preview if preview and self.preview is not None else self.codec
+        return to_pil(codec.decode(latents))
 
     @torch.no_grad()
     def generate(
@@ -350,9 +368,10 @@ class _FrameRecorder:
             target = x_i - t_i * v
         else:
             target = x
-        if t == 0.0:
-            target = x  # the last frame is exactly the final sample
-        self.frames.append(self.pipe.decode(target))
+        last = t == 0.0
+        if last:
+            target = x  # the last frame is exactly the final sample (decoded by encoders.vae, as the image)
+        self.frames.append(self.pipe.decode(target, preview=not last))
         self.first_call = None
         if self.callback is not None:
             self.callback(i, t, x)
