@@ -62,7 +62,9 @@ METHODS = {
     "muon": ["train.optimizer=muon"],
     "route": ["model.route=0.5", "model.route_start=1", "model.route_end=-1"],
     "phema": [],  # tracked by the harness (train.phema is the trainer's switch)
-    "repa": ["train.repa.enabled=true", "train.repa.encoder=effnet_lite0", "train.repa.block=1"],
+    # projector 256 wide: REPA's 2048 (sized for SiT-XL) is 7.1 M parameters here, 6x the demo model's step FLOPs
+    "repa": ["train.repa.enabled=true", "train.repa.encoder=effnet_lite0", "train.repa.block=1",
+             "train.repa.projector_dim=256"],
 }
 PHEMA_TRACKED = [0.05, 0.10]
 
