@@ -9,7 +9,6 @@ generator. So a run can switch between online and cached data at a resume and tr
 from __future__ import annotations
 
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -21,6 +20,7 @@ from ..data.indices import BucketIndex
 from ..data.rows import RowReader
 from ..data.segments import SegmentedSchedule
 from ..encoders.vae import images_to_float
+from ..threads import thread_pool
 from ..train.repa import repa_active
 from ..train.transport import Batch
 from .reader import CacheReader, check_bucket
@@ -43,7 +43,7 @@ class CachedBatchProducer:
         self.shift = 0.0 if self.pixels else float(latents["shift_factor"])
         self.scale = 1.0 if self.pixels else float(latents["scaling_factor"])
         self.corrupt_total = 0
-        self._pool = ThreadPoolExecutor(max_workers=max(1, cfg.data.num_workers))
+        self._pool = thread_pool(max(1, cfg.data.num_workers), "cache-read")
 
     @property
     def reader(self) -> CacheReader:

@@ -11,7 +11,6 @@ import logging
 import queue
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -23,6 +22,7 @@ from ..data.segments import SegmentedSchedule
 from ..encoders import TextEncoders, make_codec
 from ..encoders.cache import CaptionCache
 from ..encoders.vision import load_teacher, token_grid
+from ..threads import start_thread, thread_pool
 from .repa import repa_active
 from .stopping import EndListener, StopRequest
 from .topology import Topology
@@ -68,7 +68,7 @@ class BatchProducer:
         self.codec = make_codec(cfg.encoders, device)
         self.teacher = load_teacher(cfg.train.repa, device, cfg.encoders.dtype) if cfg.train.repa.enabled else None
         self.corrupt_total = 0
-        self._pool = ThreadPoolExecutor(max_workers=max(1, cfg.data.num_workers))
+        self._pool = thread_pool(max(1, cfg.data.num_workers), "batch-read")
 
     @property
     def reader(self) -> RowReader:
@@ -190,8 +190,7 @@ class BatchSource:
         self._fill, self.start, self.stop, self.streamed = fill, start, stop, streamed
         self._closing = threading.Event()
         self.wait_s = 0.0
-        self._thread = threading.Thread(target=self._run, daemon=True, name="batch-source")
-        self._thread.start()
+        self._thread = start_thread(self._run, "batch-source")
 
     def _run(self) -> None:
         try:

@@ -22,6 +22,8 @@ import sys
 import threading
 import time
 
+from ..threads import start_thread
+
 log = logging.getLogger(__name__)
 EXIT_PEER_DEAD = 75  # this rank ended itself because a peer stopped beating
 
@@ -35,10 +37,10 @@ class Liveness:
         self.heartbeat_s, self.dead_after_s = heartbeat_s, dead_after_s
         self.on_dead = on_dead or _exit_peer_dead
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="liveness")
+        self._thread: threading.Thread | None = None
 
     def start(self) -> Liveness:
-        self._thread.start()
+        self._thread = start_thread(self._run, "liveness")
         return self
 
     def _run(self) -> None:
@@ -79,7 +81,7 @@ class Liveness:
             self.store.set(f"mmdit/done/{self.rank}", "1")
         except Exception:  # the job is ending; nobody is left to tell
             pass
-        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+        if self._thread is not None and self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout=2 * self.heartbeat_s + 1)
 
 

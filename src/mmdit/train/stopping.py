@@ -53,11 +53,11 @@ from __future__ import annotations
 
 import logging
 import signal
-import threading
 
 import torch
 import torch.distributed as dist
 
+from ..threads import start_thread
 from .transport import CONTROL_TAG
 
 log = logging.getLogger(__name__)
@@ -126,8 +126,7 @@ class EndListener:
         self.group = group
         self.end: int | None = None  # set once the first model rank has answered
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, daemon=True, name="end-listener")
-        self._thread.start()
+        self._thread = start_thread(self._run, "end-listener")
 
     def _run(self) -> None:
         try:
