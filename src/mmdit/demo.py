@@ -41,10 +41,12 @@ from .data.shapes import (
 # from a fresh clone on 2 CPU cores with its evaluation (README, "The CPU demo", has the accuracy of the recipes
 # tried, and what fewer steps cost). max_aspect: the demo images are near-square (4:5 to 5:4), so at 32 px they
 # all land in the 32x32 bucket; with the general 1:2 to 2:1 mix, 58% of them became 32x16 or 16x32 pictures
-# whose shapes were 5-6 px across, and shape accuracy stayed at chance.
-FULL = {"rows": 6000, "steps": 2000, "batch": 32, "max_aspect": 1.25,
+# whose shapes were 5-6 px across, and shape accuracy stayed at chance. optimizer: Muon for the blocks' matrices
+# won the ablation at this preset (bench/efficiency.py, 2 seeds: held-out validation loss 0.025 vs 0.034 after
+# 2,000 steps, AdamW's final loss reached at step 1,250; README, "Training methods").
+FULL = {"rows": 6000, "steps": 2000, "batch": 32, "max_aspect": 1.25, "optimizer": "muon",
         "eval_rows": 64, "loss_every": 250, "images_every": 500, "num_images": 48}
-QUICK = {"rows": 300, "steps": 12, "batch": 8, "max_aspect": 1.25,
+QUICK = {"rows": 300, "steps": 12, "batch": 8, "max_aspect": 1.25, "optimizer": "muon",
          "eval_rows": 24, "loss_every": 6, "images_every": 12, "num_images": 8}
 # The held-out eval set: its own rows (another seed), every colour x shape combination (none held out), so the
 # in-loop score covers every background, both sizes and the combinations the training data never shows.
@@ -290,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
     t = _step(f"train {recipe['steps']} steps, batch {recipe['batch']} (torchrun: 1 loader rank + 1 model rank), "
               f"validation loss every {recipe['loss_every']}, scorer every {recipe['images_every']}")
     run_dir = train(out, phase, index, recipe["steps"], recipe["batch"],
-                    eval_overrides(eval_phase, recipe) + args.overrides)
+                    [f"train.optimizer={recipe['optimizer']}", *eval_overrides(eval_phase, recipe), *args.overrides])
     print(f"    {time.perf_counter() - t:.1f}s")
     t = _step("sample from the EMA weights and score colour / shape / position / size / background")
     plot_curves(run_dir, images_dir / "demo_curves.png")
