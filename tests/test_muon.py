@@ -104,3 +104,16 @@ def test_fsdp_is_refused_at_config_load():
     with pytest.raises(ConfigError, match="train.optimizer=muon with train.parallel=fsdp"):
         load_config("tiny_latent", ["train.optimizer=muon", "train.parallel=fsdp"])
     assert load_config("tiny_latent").train.optimizer == "adamw"  # off by default
+
+
+def test_bf16_matrix_units_are_read_from_the_cpu_flags(tmp_path):
+    from mmdit.train.muon import cpu_has_bf16_matmul
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor : 0\nflags : fpu sse avx2 avx512f avx512_vnni\n")
+    assert not cpu_has_bf16_matmul(str(info))  # AVX-512 alone emulates bf16
+    info.write_text("processor : 0\nflags : fpu avx2 avx512f avx512_bf16\n")
+    assert cpu_has_bf16_matmul(str(info))
+    info.write_text("flags : fpu avx2 amx_tile amx_bf16\n")
+    assert cpu_has_bf16_matmul(str(info))
+    assert not cpu_has_bf16_matmul(str(tmp_path / "missing"))

@@ -36,6 +36,7 @@ from .data.shapes import (
     ShapeSpec,
     caption_long,
 )
+from .train.muon import cpu_has_bf16_matmul
 
 # The recipe: what the default demo trains (the model is configs/tiny.yaml), sized to finish within 15 minutes
 # from a fresh clone on 2 CPU cores with its evaluation (README, "The CPU demo", has the accuracy of the recipes
@@ -43,7 +44,8 @@ from .data.shapes import (
 # all land in the 32x32 bucket; with the general 1:2 to 2:1 mix, 58% of them became 32x16 or 16x32 pictures
 # whose shapes were 5-6 px across, and shape accuracy stayed at chance. optimizer: Muon for the blocks' matrices
 # won the ablation at this preset (bench/efficiency.py, 2 seeds: held-out validation loss 0.025 vs 0.034 after
-# 2,000 steps, AdamW's final loss reached at step 1,250; README, "Training methods").
+# 2,000 steps, AdamW's final loss reached at step 1,250; README, "Training methods"), on CPUs with bf16 matrix
+# units; elsewhere torch's bf16 Newton-Schulz makes a step ~6x dearer and the demo keeps AdamW (main()).
 FULL = {"rows": 6000, "steps": 2000, "batch": 32, "max_aspect": 1.25, "optimizer": "muon",
         "eval_rows": 64, "loss_every": 250, "images_every": 500, "num_images": 48}
 QUICK = {"rows": 300, "steps": 12, "batch": 8, "max_aspect": 1.25, "optimizer": "muon",
@@ -274,6 +276,10 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"error: {err}") from None
         return
     recipe = dict(QUICK if args.quick else FULL)
+    if recipe["optimizer"] == "muon" and not cpu_has_bf16_matmul():
+        recipe["optimizer"] = "adamw"
+        print("note: this CPU has no bf16 matrix units (avx512_bf16 / amx_bf16); torch's Muon runs Newton-Schulz in "
+              "bf16, ~2.6 s a step here, so the demo trains with AdamW (README, 'Training methods')", flush=True)
     if args.steps:
         recipe["steps"] = args.steps
     out = Path(args.out)

@@ -13,6 +13,7 @@ DDP rank holds after the all-reduce (FSDP is refused at config load).
 from __future__ import annotations
 
 import fnmatch
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -118,3 +119,13 @@ class MuonAdamW(torch.optim.Optimizer):
             groups = [{**g, "params": [index[n] for n in g["params"]]} for g in saved["param_groups"]]
             opt.load_state_dict({"state": {index[n]: s for n, s in saved["state"].items()}, "param_groups": groups})
         self.param_groups = [*self.adamw.param_groups, *self.muon.param_groups]  # loading made new group dicts
+
+
+def cpu_has_bf16_matmul(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX): torch's Newton-Schulz always
+    runs in bf16, which CPUs without those units emulate ~19x slower than fp32 (BENCHMARKS.md, issue 24)."""
+    try:
+        flags = set(Path(cpuinfo).read_text().split())
+    except OSError:  # not Linux: say no, the safe answer for a CPU run
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
