@@ -23,7 +23,7 @@ classic EMA's weights and the chosen post-hoc EMA's (``phema_*`` keys).
 
 Reported per run: the held-out validation loss (the demo's eval set, 64 rows of another seed with every colour
 x shape combination, at 8 fixed timesteps, EMA and raw weights) every ``--eval_every`` steps, the model FLOPs of
-the run (``mmdit.model.flops``: routing computes less), wall-clock, and the demo scorer on the seen and
+the run (``mmdit.model.flops``: routing computes less; REPA's projector counts, its teacher does not), wall-clock, and the demo scorer on the seen and
 held-out prompts of the final (EMA or post-hoc EMA) weights. ``--summary`` adds the steps and FLOPs at which
 each method first reaches the target loss (``--target``; default: the mean final EMA loss of ``base``), the
 MLPerf rule of ``python -m mmdit evaluate --time_to_target``.
@@ -221,6 +221,8 @@ def run(method: str, seed: int, args) -> dict:
             head.optimizer.zero_grad(set_to_none=True)
         ema.update(model, cfg.train.ema_decay)
         flops += batch * train_flops_per_image(cfg.model, x0.shape[2], x0.shape[3], text_tokens)
+        if aligned:  # the projector trains: model FLOPs, as in the trainer (the precomputed teacher's are not)
+            flops += head.train_flops(aligned[0].shape[0] * aligned[0].shape[1])
         tracker.update(model, step * batch, step)
         if step % args.snapshot_every == 0 or step == args.steps:
             tracker.write_snapshots(snapshots, "fp32")
