@@ -21,12 +21,12 @@ Post-hoc EMA is not a method but tracked in every run (it changes nothing in tra
 held-out validation loss (the EDM2 recipe, with ``mmdit.reconstruct_ema``); the demo scorer runs on both the
 classic EMA's weights and the chosen post-hoc EMA's (``phema_*`` keys).
 
-Reported per run: the held-out validation loss (the demo's eval set, 64 rows of another seed with every colour
-x shape combination, at 8 fixed timesteps, EMA and raw weights) every ``--eval_every`` steps, the model FLOPs of
-the run (``mmdit.model.flops``: routing computes less; REPA's projector counts, its teacher does not), wall-clock, and the demo scorer on the seen and
-held-out prompts of the final (EMA or post-hoc EMA) weights. ``--summary`` adds the steps and FLOPs at which
-each method first reaches the target loss (``--target``; default: the mean final EMA loss of ``base``), the
-MLPerf rule of ``python -m mmdit evaluate --time_to_target``.
+Reported per run: the held-out validation loss (the demo's eval set, 64 rows of another seed with every colour x
+shape combination, at 8 fixed timesteps, EMA and raw weights) every ``--eval_every`` steps, the model FLOPs of the
+run (``mmdit.model.flops``: routing computes less; REPA's projector counts, its teacher does not), wall-clock, and
+the demo scorer on the seen and held-out prompts of the final (EMA or post-hoc EMA) weights. ``--summary`` adds the
+steps and FLOPs at which each method first reaches the target loss (``--target``; default: the mean final EMA loss
+of ``base``), the MLPerf rule of ``python -m mmdit evaluate --time_to_target``.
 """
 
 from __future__ import annotations
