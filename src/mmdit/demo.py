@@ -279,7 +279,8 @@ def main(argv: list[str] | None = None) -> None:
     if recipe["optimizer"] == "muon" and not cpu_has_bf16_matmul():
         recipe["optimizer"] = "adamw"
         print("note: this CPU has no bf16 matrix units (avx512_bf16 / amx_bf16); torch's Muon runs Newton-Schulz in "
-              "bf16, ~2.6 s a step here, so the demo trains with AdamW (README, 'Training methods')", flush=True)
+              "bf16, ~6 demo steps of work per step on such a CPU, so the demo trains with AdamW (README, "
+              "'Training methods')", flush=True)
     if args.steps:
         recipe["steps"] = args.steps
     out = Path(args.out)
